@@ -1,0 +1,1 @@
+"""The jobvisor supervisor: CLI, config, capacity planning, child processes, HTTP."""

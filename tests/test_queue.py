@@ -1,0 +1,232 @@
+"""Queue semantics on a real PostgreSQL, statement by statement."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+
+from supervisor_app.migrate import migrate
+from tests.helpers import counts
+from workers import queue as q
+from workers.runtime import backoff_delay
+
+
+def test_enqueue_many_keeps_order_and_payload_unknown_fields(db):
+    payloads = [{"n": i, "parameters": {"extra_field": [1, {"x": None}]}} for i in range(50)]
+    ids = q.enqueue_many(db, [q.NewJob("noop", p) for p in payloads])
+    assert ids == sorted(ids) and len(set(ids)) == 50
+    stored = [q.get_job(db, i)["payload"] for i in ids]
+    assert stored == payloads
+
+
+def test_idempotent_enqueue_returns_live_job(db):
+    first = q.enqueue(db, q.NewJob("noop", {"a": 1}, key="submission-7"))
+    again = q.enqueue_many(db, [q.NewJob("noop", {"a": 2}, key="submission-7"),
+                                q.NewJob("noop", {"a": 3})])
+    assert again[0] == first and again[1] != first
+    assert q.get_job(db, first)["payload"] == {"a": 1}
+    # Once finished, a non-sticky key is free again.
+    (job,) = q.lease(db, "noop", 1, worker_id="w", lease_seconds=30)
+    assert job.id == first
+    assert q.complete(db, job.id, job.lease_key, None)
+    assert q.enqueue(db, q.NewJob("noop", {}, key="submission-7")) != first
+
+
+def test_sticky_key_stays_taken_after_completion(db):
+    first = q.enqueue(db, q.NewJob("noop", {}, key="cron:backup:2026-01-01T03:00",
+                                   sticky_key=True))
+    (job,) = q.lease(db, "noop", 1, worker_id="w", lease_seconds=30)
+    q.complete(db, job.id, job.lease_key, None)
+    again = q.enqueue(db, q.NewJob("noop", {}, key="cron:backup:2026-01-01T03:00",
+                                   sticky_key=True))
+    assert again == first
+    assert counts(db) == {"completed": 1}
+
+
+def test_lease_takes_highest_priority_then_oldest_and_skips_delayed(db):
+    low = q.enqueue(db, q.NewJob("noop", {}, priority=0))
+    high = q.enqueue(db, q.NewJob("noop", {}, priority=5))
+    q.enqueue(db, q.NewJob("noop", {}, priority=9, delay=3600))
+    low2 = q.enqueue(db, q.NewJob("noop", {}, priority=0))
+    q.enqueue(db, q.NewJob("other", {}, priority=99))
+    jobs = q.lease(db, "noop", 10, worker_id="w", lease_seconds=30)
+    assert [j.id for j in jobs] == [high, low, low2]
+    assert all(j.attempt == 1 for j in jobs)
+
+
+def test_concurrent_leases_never_hand_out_a_job_twice(db_dsn, db):
+    q.enqueue_many(db, [q.NewJob("noop", {}) for _ in range(400)])
+    got: list[list[int]] = []
+
+    def grab() -> None:
+        with psycopg.connect(db_dsn, autocommit=True) as conn:
+            mine = []
+            while batch := q.lease(conn, "noop", 7, worker_id="w", lease_seconds=30):
+                mine += [j.id for j in batch]
+            got.append(mine)
+
+    threads = [threading.Thread(target=grab) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [i for mine in got for i in mine]
+    assert len(ids) == 400 and len(set(ids)) == 400
+
+
+def test_completion_with_a_stale_lease_key_changes_nothing(db):
+    q.enqueue(db, q.NewJob("noop", {}))
+    (old,) = q.lease(db, "noop", 1, worker_id="a", lease_seconds=0)
+    assert q.rescue(db) == [(old.id, "noop", "queued")]
+    (new,) = q.lease(db, "noop", 1, worker_id="b", lease_seconds=30)
+    assert new.id == old.id and new.lease_key != old.lease_key and new.attempt == 2
+    assert not q.complete(db, old.id, old.lease_key, {"by": "a"})
+    assert q.retry(db, old.id, old.lease_key, code="x", message=None, delay=0) is None
+    assert not q.fail(db, old.id, old.lease_key, code="x", message=None)
+    assert q.heartbeat(db, [(old.id, old.lease_key)], 30) == {}
+    assert q.complete(db, new.id, new.lease_key, {"by": "b"})
+    assert q.get_job(db, new.id)["result"] == {"by": "b"}
+
+
+def test_retry_until_max_attempts_then_failed_with_last_code(db):
+    job_id = q.enqueue(db, q.NewJob("noop", {}, max_attempts=3))
+    statuses = []
+    for attempt in range(1, 4):
+        (job,) = q.lease(db, "noop", 1, worker_id="w", lease_seconds=30)
+        assert job.attempt == attempt
+        statuses.append(q.retry(db, job.id, job.lease_key, code=f"e{attempt}",
+                                message="x" * 5000, delay=0))
+    assert statuses == ["queued", "queued", "failed"]
+    row = q.get_job(db, job_id)
+    assert row["status"] == "failed" and row["error_code"] == "e3"
+    assert len(row["error_message"]) == 1024 and row["finished_at"] is not None
+
+
+def test_backoff_delays_grow_and_stop_at_the_cap():
+    for _ in range(200):
+        # base 5 s doubles to 80 s at attempt 5, capped at 80 s from there on.
+        delays = [backoff_delay(a, 5.0, 80.0) for a in range(1, 10)]
+        growing = delays[:5]
+        assert all(later >= earlier for earlier, later in zip(growing, growing[1:], strict=False))
+        assert 2.5 <= delays[0] <= 5.0
+        assert all(40.0 <= d <= 80.0 for d in delays[4:])
+
+
+def test_retried_job_is_invisible_until_its_backoff_passes(db):
+    q.enqueue(db, q.NewJob("noop", {}))
+    (job,) = q.lease(db, "noop", 1, worker_id="w", lease_seconds=30)
+    assert q.retry(db, job.id, job.lease_key, code="t", message=None, delay=3600) == "queued"
+    assert q.lease(db, "noop", 1, worker_id="w", lease_seconds=30) == []
+    db.execute("UPDATE jobvisor.jobs SET visible_at = now() WHERE id = %s", (job.id,))
+    assert [j.id for j in q.lease(db, "noop", 1, worker_id="w", lease_seconds=30)] == [job.id]
+
+
+def test_put_back_does_not_count_the_attempt(db):
+    q.enqueue(db, q.NewJob("noop", {}))
+    (job,) = q.lease(db, "noop", 1, worker_id="w", lease_seconds=30)
+    assert q.put_back(db, [(job.id, job.lease_key)]) == {job.id}
+    row = q.get_job(db, job.id)
+    assert row["status"] == "queued" and row["attempts"] == 0
+
+
+def test_rescue_of_a_dead_worker_counts_the_attempt_and_fails_when_out(db):
+    a = q.enqueue(db, q.NewJob("noop", {}, max_attempts=1))
+    b = q.enqueue(db, q.NewJob("noop", {}, max_attempts=3))
+    q.lease(db, "noop", 2, worker_id="host:123", lease_seconds=300)
+    q.enqueue(db, q.NewJob("noop", {}))
+    q.lease(db, "noop", 1, worker_id="host:456", lease_seconds=300)
+    rescued = {r[0]: r[2] for r in q.rescue(db, leased_by="host:123")}
+    assert rescued == {a: "failed", b: "queued"}
+    assert q.get_job(db, a)["error_code"] == "worker_died"
+    assert counts(db) == {"failed": 1, "queued": 1, "leased": 1}
+
+
+def test_cancel_queued_and_running_and_retry_failed(db):
+    queued = q.enqueue(db, q.NewJob("noop", {}))
+    running = q.enqueue(db, q.NewJob("other", {}))
+    (job,) = q.lease(db, "other", 1, worker_id="w", lease_seconds=30)
+    assert q.cancel(db, queued) == "cancelled"
+    assert q.cancel(db, running) == "cancel_requested"
+    assert q.heartbeat(db, [(job.id, job.lease_key)], 30) == {running: True}
+    assert q.cancel(db, queued) is None
+    assert q.retry_failed(db, queued)
+    assert q.get_job(db, queued)["status"] == "queued"
+    assert not q.retry_failed(db, queued)
+
+
+def test_unknown_types_fail_with_code(db):
+    good = q.enqueue(db, q.NewJob("noop", {}))
+    bad = q.enqueue(db, q.NewJob("no_such_type", {}))
+    assert q.fail_unknown_types(db, ["noop"]) == [(bad, "no_such_type")]
+    assert q.get_job(db, bad)["error_code"] == "UNKNOWN_JOB_TYPE"
+    assert q.get_job(db, good)["status"] == "queued"
+
+
+def test_prune_removes_only_old_finished_rows(db):
+    ids = q.enqueue_many(db, [q.NewJob("noop", {}) for _ in range(4)])
+    jobs = q.lease(db, "noop", 3, worker_id="w", lease_seconds=30)
+    q.complete_many(db, [(j.id, j.lease_key, None) for j in jobs[:2]])
+    q.fail(db, jobs[2].id, jobs[2].lease_key, code="x", message=None)
+    db.execute("UPDATE jobvisor.jobs SET finished_at = now() - interval '8 days' "
+               "WHERE id = %s", (jobs[0].id,))
+    removed = q.prune(db, {"completed": 7 * 86400, "failed": 30 * 86400})
+    assert removed == 1
+    assert q.get_job(db, jobs[0].id) is None and q.get_job(db, ids[3]) is not None
+
+
+def test_global_limit_caps_leased_jobs_of_a_type(db):
+    q.enqueue_many(db, [q.NewJob("noop", {}) for _ in range(10)])
+    assert len(q.lease(db, "noop", 5, worker_id="a", lease_seconds=30, global_limit=3)) == 3
+    assert q.lease(db, "noop", 5, worker_id="b", lease_seconds=30, global_limit=3) == []
+
+
+def test_notify_is_sent_on_enqueue(db_dsn, db):
+    with psycopg.connect(db_dsn, autocommit=True) as listener:
+        listener.execute("LISTEN jobvisor_jobs")
+        q.enqueue_many(db, [q.NewJob("noop", {}), q.NewJob("noop", {}), q.NewJob("sleep", {})])
+        got = {n.payload for n in listener.notifies(timeout=5, stop_after=2)}
+    assert got == {"noop", "sleep"}
+
+
+def test_migrations_are_idempotent_and_race_free(pg_server_dsn):
+    import uuid
+
+    from psycopg.conninfo import make_conninfo
+
+    name = f"jobvisor_m_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        dsn = make_conninfo(pg_server_dsn, dbname=name)
+        results: list[list[str]] = []
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                results.append(migrate(dsn))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        applied = [r for r in results if r]
+        assert len(applied) == 1 and applied[0][0] == "001_queue"
+        assert migrate(dsn) == []
+        with psycopg.connect(dsn) as conn:
+            (n,) = conn.execute("SELECT count(*) FROM jobvisor.schema_migrations").fetchone()
+        assert n == len(applied[0])
+    finally:
+        with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("bad", ["", "Bad-Type", "1abc"])
+def test_invalid_type_names_are_rejected_by_the_table(db, bad):
+    with pytest.raises(psycopg.errors.CheckViolation):
+        q.enqueue(db, q.NewJob(bad, {}))

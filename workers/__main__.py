@@ -1,0 +1,88 @@
+"""`python -m workers --type TYPE [--concurrency N]`: one sub-worker process.
+
+The DSN comes from LEARNING_DATABASE_URL or DATABASE_URL (never from arguments, so it
+can't show in `ps`). The supervisor passes every other setting as flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from workers import logs
+from workers.dsn import dsn_from_env
+from workers.registry import HandlerError, load
+from workers.runtime import Runtime, WorkerSettings
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m workers", description=__doc__.splitlines()[0])
+    p.add_argument("--type", required=True, dest="job_type", help="the job type to serve")
+    p.add_argument("--concurrency", type=int,
+                   default=int(os.environ.get("WORKER_CONCURRENCY", "1") or 1),
+                   help="jobs in flight at once (default: $WORKER_CONCURRENCY or 1)")
+    p.add_argument("--prefetch", type=int, default=0,
+                   help="extra jobs leased ahead of free threads (tiny jobs)")
+    p.add_argument("--handler", help="module:function (default: entry point or built-in)")
+    p.add_argument("--lease", type=float, default=60.0, help="lease seconds")
+    p.add_argument("--heartbeat", type=float, default=15.0, help="heartbeat seconds")
+    p.add_argument("--poll", type=float, default=2.0, help="fallback poll seconds")
+    p.add_argument("--no-listen", action="store_true",
+                   help="poll only (for PgBouncer in transaction mode)")
+    p.add_argument("--timeout", type=float, default=300.0, help="hard timeout per job (s)")
+    p.add_argument("--grace", type=float, default=30.0, help="drain grace on SIGTERM (s)")
+    p.add_argument("--max-attempts", type=int, default=5,
+                   help="attempts for jobs this worker enqueues of its own type")
+    p.add_argument("--backoff", type=float, default=5.0, help="first retry delay (s)")
+    p.add_argument("--max-backoff", type=float, default=600.0, help="retry delay cap (s)")
+    p.add_argument("--global-concurrency", type=int, help="cap on leased jobs on all hosts")
+    p.add_argument("--options", default="{}", help="JSON object of handler options")
+    p.add_argument("--worker-id", help="lease owner id (default host:pid)")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"jobvisor worker: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.configure()
+    if args.concurrency < 1:
+        return _fail(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.heartbeat >= args.lease:
+        return _fail(f"--heartbeat ({args.heartbeat:g}s) must be shorter than --lease "
+                     f"({args.lease:g}s)")
+    try:
+        options = json.loads(args.options)
+        if not isinstance(options, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        return _fail(f"--options must be a JSON object: {exc}")
+    dsn = dsn_from_env()
+    if not dsn:
+        return _fail("no database: set LEARNING_DATABASE_URL or DATABASE_URL "
+                     "(`jobvisor db-url` prints the embedded one)")
+    try:
+        handler = load(args.job_type, args.handler)
+    except HandlerError as exc:
+        return _fail(f"{exc.code}: {exc}")
+    settings = WorkerSettings(
+        job_type=args.job_type, concurrency=args.concurrency, prefetch=max(0, args.prefetch),
+        lease=args.lease, heartbeat=args.heartbeat, poll=args.poll, listen=not args.no_listen,
+        timeout=args.timeout, grace=args.grace, max_attempts=args.max_attempts,
+        backoff=args.backoff, max_backoff=args.max_backoff,
+        global_concurrency=args.global_concurrency, options=options,
+    )
+    if args.worker_id:
+        settings.worker_id = args.worker_id
+    return Runtime(dsn, settings, handler).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,521 @@
+"""Every statement jobvisor sends to its queue table lives here.
+
+Each statement is named, guarded by the state it expects, and bulk work passes arrays
+that are unnested, so a round trip serves many jobs. Writes that finish a job are
+fenced by the job's `lease_key`: a worker whose lease was lost changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from workers.errors import MAX_MESSAGE
+
+STATUSES = ("queued", "leased", "completed", "failed", "cancelled")
+JOBS_CHANNEL = "jobvisor_jobs"
+CANCEL_CHANNEL = "jobvisor_cancel"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """One job to enqueue. `delay` is seconds from now."""
+
+    job_type: str
+    payload: Any = field(default_factory=dict)
+    priority: int = 0
+    delay: float = 0.0
+    max_attempts: int = 5
+    key: str | None = None
+    sticky_key: bool = False
+    batch_id: str | None = None
+
+
+@dataclass(frozen=True)
+class LeasedJob:
+    id: int
+    job_type: str
+    payload: Any
+    attempt: int
+    max_attempts: int
+    lease_key: uuid.UUID
+    priority: int
+    batch_id: str | None
+
+
+def _clip(message: str | None) -> str | None:
+    return None if message is None else message[:MAX_MESSAGE]
+
+
+# --- enqueue -------------------------------------------------------------------------
+
+_ENQUEUE = """
+INSERT INTO jobvisor.jobs AS j
+    (job_type, payload, priority, visible_at, max_attempts, idempotency_key, key_sticky, batch_id)
+SELECT t, p, pr, now() + make_interval(secs => d), m, k, s, b
+FROM unnest(%(types)s::text[], %(payloads)s::jsonb[], %(priorities)s::int[],
+            %(delays)s::float8[], %(max_attempts)s::int[], %(keys)s::text[],
+            %(sticky)s::bool[], %(batches)s::text[])
+     WITH ORDINALITY AS n(t, p, pr, d, m, k, s, b, ord)
+ORDER BY ord
+ON CONFLICT (idempotency_key)
+    WHERE idempotency_key IS NOT NULL AND (status IN ('queued', 'leased') OR key_sticky)
+    DO NOTHING
+RETURNING j.id, j.idempotency_key
+"""
+
+_EXISTING_BY_KEY = """
+SELECT idempotency_key, id FROM jobvisor.jobs
+WHERE idempotency_key = ANY(%(keys)s)
+  AND (status IN ('queued', 'leased') OR key_sticky)
+"""
+
+
+def enqueue_many(conn: psycopg.Connection, jobs: Sequence[NewJob]) -> list[int]:
+    """Insert jobs in one round trip; returns ids in input order.
+
+    A job whose idempotency key is already held by a live job (or a finished sticky
+    one) is not inserted: its position gets the existing job's id instead.
+    """
+    if not jobs:
+        return []
+    params = {
+        "types": [j.job_type for j in jobs],
+        "payloads": [Jsonb(j.payload) for j in jobs],
+        "priorities": [j.priority for j in jobs],
+        "delays": [float(j.delay) for j in jobs],
+        "max_attempts": [j.max_attempts for j in jobs],
+        "keys": [j.key for j in jobs],
+        "sticky": [j.sticky_key for j in jobs],
+        "batches": [j.batch_id for j in jobs],
+    }
+    rows = conn.execute(_ENQUEUE, params).fetchall()
+    keyless = [r[0] for r in rows if r[1] is None]
+    by_key = {r[1]: r[0] for r in rows if r[1] is not None}
+    missing = [j.key for j in jobs if j.key is not None and j.key not in by_key]
+    if missing:
+        for key, job_id in conn.execute(_EXISTING_BY_KEY, {"keys": missing}).fetchall():
+            by_key[key] = job_id
+    ids: list[int] = []
+    keyless_iter = iter(keyless)
+    for j in jobs:
+        if j.key is None:
+            ids.append(next(keyless_iter))
+        elif j.key in by_key:
+            ids.append(by_key[j.key])
+        else:  # the holder finished between our insert and our look-up: try once more
+            ids.append(enqueue_many(conn, [j])[0])
+    return ids
+
+
+def enqueue(conn: psycopg.Connection, job: NewJob) -> int:
+    return enqueue_many(conn, [job])[0]
+
+
+# --- lease -----------------------------------------------------------------------------
+
+_LEASE = """
+WITH picked AS (
+    SELECT id FROM jobvisor.jobs
+    WHERE job_type = %(type)s AND status = 'queued' AND visible_at <= now()
+    ORDER BY priority DESC, visible_at, id
+    LIMIT %(n)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobvisor.jobs j
+SET status = 'leased', lease_key = gen_random_uuid(), leased_by = %(by)s,
+    leased_until = now() + make_interval(secs => %(lease)s),
+    attempts = j.attempts + 1, started_at = now(), updated_at = now()
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.job_type, j.payload, j.attempts, j.max_attempts, j.lease_key,
+          j.priority, j.batch_id
+"""
+
+_LEASED_COUNT = """
+SELECT count(*) FROM jobvisor.jobs WHERE job_type = %(type)s AND status = 'leased'
+"""
+
+
+def lease(
+    conn: psycopg.Connection,
+    job_type: str,
+    n: int,
+    *,
+    worker_id: str,
+    lease_seconds: float,
+    global_limit: int | None = None,
+) -> list[LeasedJob]:
+    """Lease up to `n` jobs of one type: highest priority first, then oldest.
+
+    With `global_limit`, leasing of this type is serialised by an advisory lock so the
+    number of leased jobs across every host never exceeds it.
+    """
+    if n <= 0:
+        return []
+    params = {"type": job_type, "n": n, "by": worker_id, "lease": float(lease_seconds)}
+    if global_limit is None:
+        rows = conn.execute(_LEASE, params).fetchall()
+    else:
+        with conn.transaction():
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('jobvisor.lease'), hashtext(%s))",
+                (job_type,),
+            )
+            (held,) = conn.execute(_LEASED_COUNT, params).fetchone()
+            params["n"] = max(0, min(n, global_limit - held))
+            rows = conn.execute(_LEASE, params).fetchall() if params["n"] else []
+    jobs = [LeasedJob(*r) for r in rows]
+    jobs.sort(key=lambda j: (-j.priority, j.id))
+    return jobs
+
+
+# --- while running ----------------------------------------------------------------------
+
+_HEARTBEAT = """
+UPDATE jobvisor.jobs j
+SET leased_until = now() + make_interval(secs => %(lease)s), updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[]) AS d(id, lease_key)
+WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
+RETURNING j.id, j.cancel_requested
+"""
+
+
+def heartbeat(
+    conn: psycopg.Connection, leases: Sequence[tuple[int, uuid.UUID]], lease_seconds: float
+) -> dict[int, bool]:
+    """Extend the leases still held; returns {job id: cancel requested} for those."""
+    if not leases:
+        return {}
+    rows = conn.execute(
+        _HEARTBEAT,
+        {
+            "lease": float(lease_seconds),
+            "ids": [i for i, _ in leases],
+            "keys": [k for _, k in leases],
+        },
+    ).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+_PROGRESS = """
+UPDATE jobvisor.jobs j
+SET progress = d.progress, progress_note = left(d.note, 200), updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[], %(progress)s::real[], %(notes)s::text[])
+     AS d(id, lease_key, progress, note)
+WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
+"""
+
+
+def save_progress(
+    conn: psycopg.Connection, items: Sequence[tuple[int, uuid.UUID, float, str | None]]
+) -> None:
+    if not items:
+        return
+    conn.execute(
+        _PROGRESS,
+        {
+            "ids": [i[0] for i in items],
+            "keys": [i[1] for i in items],
+            "progress": [min(1.0, max(0.0, float(i[2]))) for i in items],
+            "notes": [i[3] for i in items],
+        },
+    )
+
+
+# --- finishing (fenced) ---------------------------------------------------------------
+
+_COMPLETE = """
+UPDATE jobvisor.jobs j
+SET status = 'completed', result = d.result, progress = 1, lease_key = NULL,
+    leased_until = NULL, error_code = NULL, error_message = NULL,
+    finished_at = now(), updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[], %(results)s::jsonb[]) AS d(id, lease_key, result)
+WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
+RETURNING j.id
+"""
+
+
+def complete_many(
+    conn: psycopg.Connection, items: Sequence[tuple[int, uuid.UUID, Any]]
+) -> set[int]:
+    """Complete many jobs in one statement; returns the ids whose lease still held."""
+    if not items:
+        return set()
+    rows = conn.execute(
+        _COMPLETE,
+        {
+            "ids": [i[0] for i in items],
+            "keys": [i[1] for i in items],
+            "results": [None if i[2] is None else Jsonb(i[2]) for i in items],
+        },
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def complete(conn: psycopg.Connection, job_id: int, lease_key: uuid.UUID, result: Any) -> bool:
+    return bool(complete_many(conn, [(job_id, lease_key, result)]))
+
+
+_RETRY_OR_FAIL = """
+UPDATE jobvisor.jobs j
+SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'queued' END,
+    visible_at = CASE WHEN j.attempts >= j.max_attempts THEN j.visible_at
+                      ELSE now() + make_interval(secs => %(delay)s) END,
+    finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+    lease_key = NULL, leased_until = NULL,
+    error_code = %(code)s, error_message = %(message)s, updated_at = now()
+WHERE j.id = %(id)s AND j.lease_key = %(key)s AND j.status = 'leased'
+RETURNING j.status
+"""
+
+_FAIL = """
+UPDATE jobvisor.jobs j
+SET status = %(status)s, finished_at = now(), lease_key = NULL, leased_until = NULL,
+    error_code = %(code)s, error_message = %(message)s, updated_at = now()
+WHERE j.id = %(id)s AND j.lease_key = %(key)s AND j.status = 'leased'
+RETURNING j.status
+"""
+
+
+def retry(
+    conn: psycopg.Connection,
+    job_id: int,
+    lease_key: uuid.UUID,
+    *,
+    code: str,
+    message: str | None,
+    delay: float,
+) -> str | None:
+    """Queue the job again after `delay`, or fail it when its attempts are used up.
+
+    Returns the new status, or None when the lease was lost (nothing changed).
+    """
+    row = conn.execute(
+        _RETRY_OR_FAIL,
+        {"id": job_id, "key": lease_key, "code": code, "message": _clip(message),
+         "delay": float(delay)},
+    ).fetchone()
+    return row[0] if row else None
+
+
+def fail(
+    conn: psycopg.Connection,
+    job_id: int,
+    lease_key: uuid.UUID,
+    *,
+    code: str,
+    message: str | None,
+    status: str = "failed",
+) -> bool:
+    """Finish the job as failed (or cancelled) now, whatever attempts are left."""
+    if status not in ("failed", "cancelled"):
+        raise ValueError(f"fail() cannot set status {status!r}")
+    row = conn.execute(
+        _FAIL,
+        {"id": job_id, "key": lease_key, "code": code, "message": _clip(message),
+         "status": status},
+    ).fetchone()
+    return row is not None
+
+
+_PUT_BACK = """
+WITH back AS (
+    UPDATE jobvisor.jobs j
+    SET status = 'queued', attempts = greatest(j.attempts - 1, 0), lease_key = NULL,
+        leased_until = NULL, visible_at = now(), updated_at = now()
+    FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[]) AS d(id, lease_key)
+    WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
+    RETURNING j.id, j.job_type
+)
+-- Identical notifications in one transaction are delivered once.
+SELECT id, pg_notify('jobvisor_jobs', job_type) FROM back
+"""
+
+
+def put_back(conn: psycopg.Connection, leases: Sequence[tuple[int, uuid.UUID]]) -> set[int]:
+    """Return unfinished jobs to the queue without counting the attempt (shutdown)."""
+    if not leases:
+        return set()
+    rows = conn.execute(
+        _PUT_BACK, {"ids": [i for i, _ in leases], "keys": [k for _, k in leases]}
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+# --- housekeeping (supervisor, CLI) -------------------------------------------------------
+
+_RESCUE = """
+WITH expired AS (
+    SELECT id FROM jobvisor.jobs
+    WHERE status = 'leased'
+      AND (leased_until < now() OR (%(by)s::text IS NOT NULL AND leased_by = %(by)s))
+    FOR UPDATE SKIP LOCKED
+), changed AS (
+    UPDATE jobvisor.jobs j
+    SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'queued' END,
+        finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+        visible_at = now(), lease_key = NULL, leased_until = NULL,
+        error_code = %(code)s, error_message = %(message)s, updated_at = now()
+    FROM expired
+    WHERE j.id = expired.id
+    RETURNING j.id, j.job_type, j.status
+)
+SELECT c.id, c.job_type, c.status,
+       CASE WHEN c.status = 'queued' THEN pg_notify('jobvisor_jobs', c.job_type) END
+FROM changed c
+"""
+
+
+def rescue(conn: psycopg.Connection, *, leased_by: str | None = None) -> list[tuple[int, str, str]]:
+    """Requeue expired leases (and, with `leased_by`, every lease of a dead worker).
+
+    The attempt that was running counts; a job out of attempts fails instead.
+    Returns (id, job_type, new status) per rescued job.
+    """
+    if leased_by is None:
+        code, message = "lease_expired", "lease expired before the job finished"
+    else:
+        code, message = "worker_died", "the worker process running this job died"
+    rows = conn.execute(
+        _RESCUE, {"by": leased_by, "code": code, "message": message}
+    ).fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+_CANCEL = """
+WITH target AS (
+    SELECT id, status FROM jobvisor.jobs WHERE id = %(id)s FOR UPDATE
+), done AS (
+    UPDATE jobvisor.jobs j
+    SET status = CASE WHEN t.status = 'queued' THEN 'cancelled' ELSE j.status END,
+        finished_at = CASE WHEN t.status = 'queued' THEN now() ELSE j.finished_at END,
+        cancel_requested = (t.status = 'leased'), updated_at = now()
+    FROM target t
+    WHERE j.id = t.id AND t.status IN ('queued', 'leased')
+    RETURNING j.id, j.status
+)
+SELECT d.status, CASE WHEN d.status = 'leased'
+                      THEN pg_notify('jobvisor_cancel', d.id::text) END
+FROM done d
+"""
+
+
+def cancel(conn: psycopg.Connection, job_id: int) -> str | None:
+    """Cancel a queued job, or ask a running one to stop ('cancel requested').
+
+    Returns 'cancelled', 'cancel_requested', or None when the job is not live.
+    """
+    row = conn.execute(_CANCEL, {"id": job_id}).fetchone()
+    if row is None:
+        return None
+    return "cancelled" if row[0] == "cancelled" else "cancel_requested"
+
+
+_RETRY_FAILED = """
+UPDATE jobvisor.jobs j
+SET status = 'queued', attempts = 0, visible_at = now(), finished_at = NULL,
+    cancel_requested = false, error_code = NULL, error_message = NULL,
+    result = NULL, progress = NULL, progress_note = NULL, updated_at = now()
+WHERE j.id = %(id)s AND j.status IN ('failed', 'cancelled')
+RETURNING j.id, pg_notify('jobvisor_jobs', j.job_type)
+"""
+
+
+def retry_failed(conn: psycopg.Connection, job_id: int) -> bool:
+    """Queue a failed or cancelled job again with fresh attempts (operator request)."""
+    try:
+        return conn.execute(_RETRY_FAILED, {"id": job_id}).fetchone() is not None
+    except psycopg.errors.UniqueViolation:
+        # Its idempotency key is held by a newer live job: running it twice is wrong.
+        return False
+
+
+_PRUNE = """
+DELETE FROM jobvisor.jobs
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM jobvisor.jobs
+    WHERE finished_at IS NOT NULL AND status = %(status)s
+      AND finished_at < now() - make_interval(secs => %(age)s)
+    LIMIT %(limit)s))
+"""
+
+
+def prune(conn: psycopg.Connection, retention: dict[str, float], *, limit: int = 10_000) -> int:
+    """Delete finished jobs older than their status's retention (seconds), in chunks."""
+    removed = 0
+    for status, age in retention.items():
+        if status not in ("completed", "failed", "cancelled"):
+            raise ValueError(f"retention for unknown status {status!r}")
+        while True:
+            cur = conn.execute(_PRUNE, {"status": status, "age": float(age), "limit": limit})
+            removed += cur.rowcount
+            if cur.rowcount < limit:
+                break
+    return removed
+
+
+_FAIL_UNKNOWN = """
+UPDATE jobvisor.jobs
+SET status = 'failed', finished_at = now(), error_code = 'UNKNOWN_JOB_TYPE',
+    error_message = 'no handler is registered for job type ' || job_type, updated_at = now()
+WHERE status = 'queued' AND NOT (job_type = ANY(%(known)s))
+RETURNING id, job_type
+"""
+
+
+def fail_unknown_types(conn: psycopg.Connection, known: Iterable[str]) -> list[tuple[int, str]]:
+    """Fail queued jobs of types no handler serves, so they don't wait forever."""
+    return [tuple(r) for r in conn.execute(_FAIL_UNKNOWN, {"known": list(known)}).fetchall()]
+
+
+# --- reading -----------------------------------------------------------------------------
+
+_COUNTS = """
+SELECT job_type, status, count(*),
+       extract(epoch FROM now() - min(visible_at) FILTER (
+           WHERE status = 'queued' AND visible_at <= now()))
+FROM jobvisor.jobs GROUP BY job_type, status
+"""
+
+
+def status_counts(conn: psycopg.Connection) -> dict[str, dict[str, float]]:
+    """Per type: counts by status and the age of the oldest visible queued job."""
+    out: dict[str, dict[str, float]] = {}
+    for job_type, status, count, oldest in conn.execute(_COUNTS).fetchall():
+        entry = out.setdefault(job_type, {s: 0 for s in STATUSES} | {"oldest_queued_s": 0.0})
+        entry[status] = count
+        if oldest is not None:
+            entry["oldest_queued_s"] = round(max(0.0, float(oldest)), 3)
+    return out
+
+
+_GET = """
+SELECT id, job_type, payload, priority, status, attempts, max_attempts, visible_at,
+       leased_by, leased_until, cancel_requested, error_code, error_message, result,
+       progress, progress_note, idempotency_key, batch_id, created_at, updated_at,
+       started_at, finished_at
+FROM jobvisor.jobs WHERE id = %(id)s
+"""
+
+
+def get_job(conn: psycopg.Connection, job_id: int) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_GET, {"id": job_id}).fetchone()
+
+
+def jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """A job row with timestamps as ISO strings, ready for json.dumps."""
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True)
