@@ -1,0 +1,162 @@
+"""Prometheus metrics, built at scrape time from the supervisor's own state.
+
+Children report job outcomes (counts and duration buckets) through their heartbeat pipe;
+the supervisor adds them up, so one `/metrics` covers every process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from supervisor_app.children import STATES
+from workers.queue import STATUSES
+from workers.runtime import DURATION_BUCKETS
+
+if TYPE_CHECKING:
+    from supervisor_app.supervisor import Supervisor
+
+METRIC_NAMES = (
+    "analysis_jobs_inflight", "ai_worker_retry_total", "ai_worker_failed_total",
+    "jobvisor_queue_depth", "jobvisor_queue_lag_seconds", "jobvisor_job_duration_seconds",
+    "jobvisor_jobs_total", "jobvisor_worker_processes", "jobvisor_worker_restarts_total",
+    "jobvisor_worker_resident_memory_bytes", "jobvisor_worker_cpu_seconds_total",
+    "jobvisor_capacity_slots", "jobvisor_gpu_memory_free_bytes",
+    "jobvisor_gpu_memory_total_bytes", "jobvisor_memory_available_bytes",
+    "jobvisor_cpu_count", "jobvisor_reserve_bytes", "jobvisor_up",
+)
+
+
+class SupervisorCollector:
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def collect(self) -> Iterator[Metric]:
+        sup = self.sup
+        slots = [s for group in list(sup.slots.values()) for s in list(group)]
+        yield GaugeMetricFamily("jobvisor_up", "1 while the supervisor loop runs", value=1)
+
+        inflight = GaugeMetricFamily("analysis_jobs_inflight",
+                                     "Jobs being processed right now, all children")
+        inflight.add_metric([], sum(s.inflight for s in slots))
+        yield inflight
+
+        yield from self._outcomes()
+        yield from self._queue()
+
+        procs = GaugeMetricFamily("jobvisor_worker_processes", "Child processes by state",
+                                  labels=["job_type", "state"])
+        for job_type in sorted({s.job_type for s in slots} | set(sup.plan)):
+            for state in STATES:
+                procs.add_metric([job_type, state], sum(
+                    1 for s in slots if s.job_type == job_type and s.state == state))
+        yield procs
+
+        restarts = CounterMetricFamily("jobvisor_worker_restarts", "Child restarts",
+                                       labels=["job_type"])
+        for job_type, n in sorted(sup.restarts.items()):
+            restarts.add_metric([job_type], n)
+        yield restarts
+
+        rss = GaugeMetricFamily("jobvisor_worker_resident_memory_bytes",
+                                "Resident memory of each child", labels=["job_type", "slot"])
+        cpu = CounterMetricFamily("jobvisor_worker_cpu_seconds", "CPU seconds of each child",
+                                  labels=["job_type", "slot"])
+        for s in slots:
+            if s.proc is not None:
+                rss.add_metric([s.job_type, str(s.index)], s.rss)
+                cpu.add_metric([s.job_type, str(s.index)], s.cpu_seconds)
+        yield rss
+        yield cpu
+
+        plan = GaugeMetricFamily("jobvisor_capacity_slots", "Processes planned per type",
+                                 labels=["job_type"])
+        for job_type, entry in sorted(sup.plan.items()):
+            plan.add_metric([job_type], entry.processes)
+        yield plan
+        yield from self._readings()
+
+    def _outcomes(self) -> Iterator[Metric]:
+        outcomes = dict(self.sup.outcomes)
+        jobs = CounterMetricFamily("jobvisor_jobs", "Finished job attempts by outcome",
+                                   labels=["job_type", "outcome"])
+        retry = CounterMetricFamily("ai_worker_retry", "Retried attempts by phase (job type)",
+                                    labels=["phase"])
+        failed = CounterMetricFamily("ai_worker_failed", "Jobs failed for good, by error code",
+                                     labels=["error_code"])
+        duration = HistogramMetricFamily("jobvisor_job_duration_seconds",
+                                         "Handler run time per attempt",
+                                         labels=["job_type", "outcome"])
+        per_outcome: dict[tuple[str, str], list[float]] = {}
+        per_phase: dict[str, float] = {}
+        per_code: dict[str, float] = {}
+        for (job_type, outcome, code), row in outcomes.items():
+            acc = per_outcome.setdefault((job_type, outcome), [0.0] * len(row))
+            for i, v in enumerate(row):
+                acc[i] += v
+            if outcome in ("retried", "timeout"):
+                per_phase[job_type] = per_phase.get(job_type, 0) + row[0]
+            if outcome == "failed":
+                per_code[code or "unknown"] = per_code.get(code or "unknown", 0) + row[0]
+        for (job_type, outcome), row in sorted(per_outcome.items()):
+            jobs.add_metric([job_type, outcome], row[0])
+            buckets = [(f"{b:g}", row[2 + i]) for i, b in enumerate(DURATION_BUCKETS)]
+            buckets.append(("+Inf", row[0]))
+            duration.add_metric([job_type, outcome], buckets, sum_value=row[1])
+        for phase, n in sorted(per_phase.items()):
+            retry.add_metric([phase], n)
+        for code, n in sorted(per_code.items()):
+            failed.add_metric([code], n)
+        yield jobs
+        yield retry
+        yield failed
+        yield duration
+
+    def _queue(self) -> Iterator[Metric]:
+        stats = dict(self.sup.queue_stats)
+        depth = GaugeMetricFamily("jobvisor_queue_depth", "Jobs by type and status",
+                                  labels=["job_type", "status"])
+        lag = GaugeMetricFamily("jobvisor_queue_lag_seconds",
+                                "Age of the oldest visible queued job", labels=["job_type"])
+        for job_type, c in sorted(stats.items()):
+            for status in STATUSES:
+                depth.add_metric([job_type, status], c.get(status, 0))
+            lag.add_metric([job_type], c.get("oldest_queued_s", 0.0))
+        yield depth
+        yield lag
+
+    def _readings(self) -> Iterator[Metric]:
+        r = self.sup.readings
+        gpu_free = GaugeMetricFamily("jobvisor_gpu_memory_free_bytes", "Free GPU memory",
+                                     labels=["gpu"])
+        gpu_total = GaugeMetricFamily("jobvisor_gpu_memory_total_bytes", "GPU memory",
+                                      labels=["gpu"])
+        mem = GaugeMetricFamily("jobvisor_memory_available_bytes",
+                                "Available RAM (bounded by the cgroup limit)")
+        cpus = GaugeMetricFamily("jobvisor_cpu_count", "CPUs this supervisor may use")
+        reserve = GaugeMetricFamily("jobvisor_reserve_bytes", "Reserves kept free",
+                                    labels=["resource"])
+        if r is not None:
+            for g in r.gpus:
+                gpu_free.add_metric([str(g.index)], g.free_bytes)
+                gpu_total.add_metric([str(g.index)], g.total_bytes)
+            mem.add_metric([], r.memory_available)
+            cpus.add_metric([], r.cpu_count)
+        res = self.sup.cfg.supervisor.reserve
+        reserve.add_metric(["memory"], res.memory)
+        reserve.add_metric(["gpu_memory"], res.gpu_memory)
+        yield from (gpu_free, gpu_total, mem, cpus, reserve)
+
+
+def build_registry(sup: Supervisor) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SupervisorCollector(sup))
+    return registry

@@ -1,0 +1,465 @@
+"""The supervisor loop, in the manner of gunicorn's arbiter.
+
+Signal handlers only queue the signal and wake the loop through a pipe. One loop does:
+handle a signal → read children's heartbeats → reap the dead → kill the silent and the
+stuck → re-plan → top up or shrink the pools → periodic duties. Each is a short method.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from croniter import croniter
+
+from supervisor_app import children, registry_table
+from supervisor_app.capacity import Readings, read_capacity
+from supervisor_app.children import Slot
+from supervisor_app.config import Config, ConfigError, diff_types, load_config
+from supervisor_app.planner import PlanEntry, Planner
+from workers import queue
+from workers.registry import BUILTINS, HandlerError, _entry_point_spec, load
+
+log = logging.getLogger("jobvisor.supervisor")
+
+TICK = 0.5  # longest sleep of the loop: bounds how stale readings of children get
+PUBLISH_EVERY = 2.0
+QUEUE_STATS_EVERY = 2.0
+CRON_CATCHUP_S = 3600.0  # a slot missed while no supervisor ran is caught up this long
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, cfg_path: Path, dsn: str, env: dict[str, str],
+                 *, only_types: set[str] | None = None) -> None:
+        self.cfg = cfg
+        self.cfg_path = cfg_path
+        self.dsn = dsn
+        self.env = env
+        self.only_types = only_types
+        self.slots: dict[str, list[Slot]] = {}
+        self.planner = Planner(cfg.supervisor.reserve.memory, cfg.supervisor.reserve.gpu_memory)
+        self.plan: dict[str, PlanEntry] = {}
+        self.readings: Readings | None = None
+        self.fingerprints = cfg.worker_fingerprints()
+        self.host = socket.gethostname()
+        self.sup_id = f"{self.host}:{os.getpid()}"
+        self.signals: list[int] = []
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.draining = False
+        self.forced = False
+        self.db: psycopg.Connection | None = None
+        self.db_ok = False
+        self.due: dict[str, float] = {}
+        self.cron_last: dict[str, datetime] = {}
+        self.queue_stats: dict[str, dict[str, float]] = {}
+        # (job_type, outcome, code) -> [count, seconds, bucket counts...] from children.
+        self.outcomes: dict[tuple[str, str, str | None], list[float]] = {}
+        self.restarts: dict[str, int] = {}
+        self.last_tick = time.monotonic()
+        self.started = time.time()
+        self.reload_error: str | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        self._check_handlers(self.cfg)
+        log.info("supervisor_started", extra={"types": sorted(self._types()),
+                                              "config": str(self.cfg_path)})
+        while True:
+            now = time.monotonic()
+            self.last_tick = now
+            self._handle_signals()
+            if self.draining and not self._alive():
+                break
+            self._read_children(now)
+            self._reap(now)
+            self._kill_silent_and_stuck(now)
+            if not self.draining:
+                if self._due("replan", self.cfg.supervisor.replan, now):
+                    self._replan()
+                self._resize(now)
+                self._roll_changed(now)
+                self._start_due(now)
+            self._duties(now)
+            self._sleep()
+        self._finish()
+        return 130 if self.forced else 0
+
+    def _types(self) -> dict[str, Any]:
+        return {n: t for n, t in self.cfg.types.items()
+                if self.only_types is None or n in self.only_types}
+
+    def _alive(self) -> bool:
+        return any(s.proc is not None for slots in self.slots.values() for s in slots)
+
+    def _check_handlers(self, cfg: Config) -> None:
+        """Import every configured handler once, so a typo fails at start, naming the type."""
+        for name, t in cfg.types.items():
+            if self.only_types is None or name in self.only_types:
+                load(name, t.handler)
+
+    # --- signals ------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, self._queue_signal)
+
+    def _queue_signal(self, sig: int, _frame: Any) -> None:
+        self.signals.append(sig)
+        try:
+            os.write(self.wake_w, b".")
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig == signal.SIGHUP:
+                self.reload()
+            elif sig in (signal.SIGTERM, signal.SIGINT):
+                if self.draining and sig == signal.SIGINT:
+                    self._force_stop()
+                else:
+                    self._drain()
+
+    def reload(self) -> None:
+        try:
+            new = load_config(self.cfg_path)
+            self._check_handlers(new)
+        except (ConfigError, HandlerError) as exc:
+            self.reload_error = str(exc)
+            log.error("reload_rejected", extra={"error": str(exc)})
+            return
+        diff = diff_types(self.cfg, new)
+        self.cfg = new
+        self.fingerprints = new.worker_fingerprints()
+        self.planner.reserve_memory = new.supervisor.reserve.memory
+        self.planner.reserve_gpu_memory = new.supervisor.reserve.gpu_memory
+        self.reload_error = None
+        self.due.pop("replan", None)  # plan the new quotas on this very tick
+        for slots in self.slots.values():  # an operator reload gives fatal slots a new try
+            for s in slots:
+                if s.state == "fatal":
+                    s.state, s.quick_failures, s.restart_at = "backoff", 0, 0.0
+        log.info("reloaded", extra={"added": sorted(diff.added), "removed": sorted(diff.removed),
+                                    "replaced": sorted(diff.settings_changed),
+                                    "resized": sorted(diff.processes_changed)})
+
+    def _drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        log.info("supervisor_draining", extra={"children": sum(
+            1 for slots in self.slots.values() for s in slots if s.proc)})
+        now = time.monotonic()
+        for slots in self.slots.values():
+            for s in slots:
+                if s.proc is not None:
+                    children.terminate(s, now, self.cfg.supervisor.grace)
+                elif s.state != "fatal":
+                    s.state = "stopping"
+
+    def _force_stop(self) -> None:
+        self.forced = True
+        log.warning("supervisor_forced_stop")
+        for slots in self.slots.values():
+            for s in slots:
+                children.kill(s)
+
+    # --- children -----------------------------------------------------------------------------
+    def _read_children(self, now: float) -> None:
+        for slots in self.slots.values():
+            for s in slots:
+                for report in children.read_status(s, now):
+                    self._tally(s.job_type, report.get("outcomes", ()))
+
+    def _tally(self, job_type: str, outcomes: Any) -> None:
+        for outcome, code, *row in outcomes:
+            acc = self.outcomes.get((job_type, outcome, code))
+            if acc is None:
+                self.outcomes[(job_type, outcome, code)] = list(row)
+            else:
+                for i, v in enumerate(row):
+                    acc[i] += v
+
+    def _reap(self, now: float) -> None:
+        for job_type, slots in list(self.slots.items()):
+            for s in list(slots):
+                if s.proc is None or (code := s.proc.poll()) is None:
+                    continue
+                pid = s.proc.pid
+                self._read_children(now)  # its last report may still be in the pipe
+                restarts = s.restarts
+                children.after_exit(s, code, now, self.cfg.supervisor.restart)
+                self.restarts[job_type] = self.restarts.get(job_type, 0) + s.restarts - restarts
+                self._rescue_child(pid, code)
+                if s.retire or self.draining or job_type not in self._types():
+                    slots.remove(s)
+            if not slots and (self.draining or job_type not in self._types()):
+                del self.slots[job_type]
+
+    def _rescue_child(self, pid: int, code: int) -> None:
+        """Put a dead child's leased jobs back at once, not after their leases expire."""
+        try:
+            rescued = queue.rescue(self._db(), leased_by=f"{self.host}:{pid}")
+        except psycopg.Error as exc:
+            self._db_failed(exc)
+            return
+        if rescued:
+            log.warning("leases_rescued", extra={"child_pid": pid, "exit_code": code,
+                                                 "jobs": [r[0] for r in rescued]})
+
+    def _kill_silent_and_stuck(self, now: float) -> None:
+        timeout = self.cfg.supervisor.child_heartbeat_timeout
+        healthy_after = self.cfg.supervisor.restart.healthy_after
+        for slots in self.slots.values():
+            for s in slots:
+                if s.proc is None:
+                    continue
+                if s.state == "stopping":
+                    if now > s.stop_deadline:
+                        log.warning("child_stop_timeout", extra={"job_type": s.job_type,
+                                                                 "slot": s.index})
+                        children.kill(s)
+                elif now - s.last_seen > timeout:
+                    log.error("child_silent", extra={"job_type": s.job_type, "slot": s.index,
+                                                     "silent_s": round(now - s.last_seen, 1)})
+                    children.kill(s)
+                elif s.state == "starting" and now - s.started_at >= healthy_after:
+                    s.state = "running"
+                    s.quick_failures = 0
+
+    def _replan(self) -> None:
+        types = self._types()
+        running: dict[str, list[int]] = {}
+        for job_type, slots in self.slots.items():
+            for s in slots:
+                if s.proc is not None:
+                    children.measure(s, with_uss=True)
+                    running.setdefault(job_type, []).append(s.rss)
+        self.readings = read_capacity()
+        self.plan = self.planner.replan(types, self.readings, running)
+        self._recycle_over_memory()
+
+    def _recycle_over_memory(self) -> None:
+        now = time.monotonic()
+        for job_type, slots in self.slots.items():
+            limit = getattr(self.cfg.types.get(job_type), "memory_limit", None)
+            for s in slots:
+                if limit and s.state == "running" and s.uss > limit:
+                    log.warning("child_recycled", extra={"job_type": job_type, "slot": s.index,
+                                                         "uss": s.uss, "limit": limit})
+                    children.terminate(s, now, self.cfg.supervisor.grace)
+
+    def _resize(self, now: float) -> None:
+        types = self._types()
+        for job_type in list(self.slots):
+            if job_type not in types:
+                for s in self.slots[job_type]:
+                    self._retire(s, now)
+        for job_type in types:
+            target = self.plan.get(job_type, PlanEntry(0, "not planned")).processes
+            slots = self.slots.setdefault(job_type, [])
+            active = [s for s in slots if not s.retire]
+            for s in sorted(active, key=lambda s: s.index)[target:]:
+                self._retire(s, now)
+            used = {s.index for s in slots}
+            index = 0
+            while len([s for s in slots if not s.retire]) < target:
+                while index in used:
+                    index += 1
+                slots.append(Slot(job_type, index, self.fingerprints[job_type], restart_at=now))
+                used.add(index)
+            self.slots[job_type] = [s for s in slots if s.proc is not None or not s.retire]
+
+    def _retire(self, s: Slot, now: float) -> None:
+        s.retire = True
+        children.terminate(s, now, self.cfg.supervisor.grace)
+
+    def _roll_changed(self, now: float) -> None:
+        """Replace children whose settings changed, one slot of a type at a time."""
+        for job_type, slots in self.slots.items():
+            current = self.fingerprints.get(job_type)
+            if current is None:
+                continue
+            for s in slots:
+                if s.proc is None and s.fingerprint != current:
+                    s.fingerprint = current  # it will start with the new settings
+            if any(s.state == "stopping" and not s.retire for s in slots):
+                continue
+            stale = [s for s in slots if s.proc is not None and s.fingerprint != current
+                     and not s.retire]
+            if stale:
+                log.info("child_replacing", extra={"job_type": job_type, "slot": stale[0].index})
+                children.terminate(stale[0], now, self.cfg.supervisor.grace)
+
+    def _start_due(self, now: float) -> None:
+        for job_type, slots in self.slots.items():
+            for s in slots:
+                if s.proc is None and s.state == "backoff" and not s.retire \
+                        and now >= s.restart_at:
+                    s.fingerprint = self.fingerprints[job_type]
+                    try:
+                        children.spawn(s, self.cfg, self.env, now)
+                    except OSError as exc:
+                        log.error("child_spawn_failed", extra={"job_type": job_type,
+                                                               "error": type(exc).__name__})
+                        s.started_at = now
+                        children.after_exit(s, -1, now, self.cfg.supervisor.restart)
+
+    # --- periodic duties --------------------------------------------------------------------
+    def _due(self, name: str, every: float, now: float) -> bool:
+        if now >= self.due.get(name, 0.0):
+            self.due[name] = now + every
+            return True
+        return False
+
+    def _duties(self, now: float) -> None:
+        q = self.cfg.queue
+        for name, every, duty in (
+            ("rescue", q.rescue_every, self._rescue_expired),
+            ("prune", q.prune_every, self._prune),
+            ("cron", 1.0, self._cron),
+            ("queue_stats", QUEUE_STATS_EVERY, self._queue_stats),
+            ("publish", PUBLISH_EVERY, self._publish),
+        ):
+            if self._due(name, every, now):
+                try:
+                    duty()
+                    self.db_ok = True
+                except psycopg.Error as exc:
+                    self._db_failed(exc)
+
+    def _db(self) -> psycopg.Connection:
+        if self.db is None or self.db.closed:
+            self.db = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+        return self.db
+
+    def _db_failed(self, exc: Exception) -> None:
+        self.db_ok = False
+        log.error("database_error", extra={"exc_type": type(exc).__name__})
+        if self.db is not None:
+            self.db.close()
+        self.db = None
+
+    def _rescue_expired(self) -> None:
+        rescued = queue.rescue(self._db())
+        if rescued:
+            log.warning("leases_expired", extra={"jobs": [r[0] for r in rescued]})
+        known = set(self.cfg.types) | set(BUILTINS)
+        unknown = [t for t in self.queue_stats if t not in known and not _entry_point_spec(t)]
+        if unknown:
+            failed = queue.fail_unknown_types(self._db(), known | (set(self.queue_stats) - set(
+                unknown)))
+            if failed:
+                log.warning("unknown_job_types_failed", extra={
+                    "types": sorted({t for _, t in failed}), "count": len(failed)})
+
+    def _prune(self) -> None:
+        r = self.cfg.queue.retention
+        removed = queue.prune(self._db(), {"completed": r.completed, "failed": r.failed,
+                                           "cancelled": r.cancelled})
+        if removed:
+            log.info("jobs_pruned", extra={"count": removed})
+
+    def _cron(self) -> None:
+        now = datetime.now(UTC)
+        for job_type, t in self._types().items():
+            if not t.schedule:
+                continue
+            slot = croniter(t.schedule, now).get_prev(datetime)
+            if self.cron_last.get(job_type) == slot:
+                continue
+            self.cron_last[job_type] = slot
+            if (now - slot).total_seconds() > CRON_CATCHUP_S:
+                continue
+            stamp = slot.strftime("%Y-%m-%dT%H:%MZ")
+            # A sticky key: the slot stays taken after its job finished, so a supervisor
+            # that arrives late (or a second host) never runs it again.
+            job_id = queue.enqueue(self._db(), queue.NewJob(
+                job_type, {"scheduled_for": stamp}, key=f"cron:{job_type}:{stamp}",
+                sticky_key=True, max_attempts=t.retry.max_attempts))
+            log.info("cron_enqueued", extra={"job_type": job_type, "slot": stamp,
+                                             "job_id": job_id})
+
+    def _queue_stats(self) -> None:
+        self.queue_stats = queue.status_counts(self._db())
+
+    def _publish(self) -> None:
+        registry_table.publish(self._db(), self.sup_id, self.host, os.getpid(), self.view())
+
+    # --- waiting --------------------------------------------------------------------------
+    def _sleep(self) -> None:
+        fds = [self.wake_r] + [s.status_fd for slots in self.slots.values() for s in slots
+                               if s.status_fd is not None]
+        try:
+            ready, _, _ = select.select(fds, [], [], TICK)
+        except InterruptedError:
+            return
+        if self.wake_r in ready:
+            try:
+                while os.read(self.wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _finish(self) -> None:
+        for slots in self.slots.values():
+            for s in slots:
+                children.close_status(s)
+        try:
+            registry_table.withdraw(self._db(), self.sup_id)
+        except psycopg.Error:
+            pass
+        if self.db is not None:
+            self.db.close()
+        log.info("supervisor_stopped", extra={"forced": self.forced})
+
+    # --- views (status, metrics, health) -------------------------------------------------------
+    def view(self) -> dict[str, Any]:
+        now = time.monotonic()
+        r = self.readings
+        return {
+            "supervisor": {"id": self.sup_id, "host": self.host, "pid": os.getpid(),
+                           "started_at": self.started, "draining": self.draining},
+            "workers": [s.view(now) for slots in self.slots.values() for s in slots],
+            "plan": {t: {"processes": e.processes, "reason": e.reason}
+                     for t, e in self.plan.items()},
+            "readings": None if r is None else {
+                "memory_available": r.memory_available, "memory_total": r.memory_total,
+                "cpu_count": r.cpu_count,
+                "gpus": [{"index": g.index, "name": g.name, "vendor": g.vendor,
+                          "total_bytes": g.total_bytes, "free_bytes": g.free_bytes}
+                         for g in r.gpus],
+            },
+            "reserve": {"memory": self.cfg.supervisor.reserve.memory,
+                        "gpu_memory": self.cfg.supervisor.reserve.gpu_memory},
+        }
+
+    def health_checks(self) -> list[dict[str, Any]]:
+        fatal = sorted({s.job_type for slots in self.slots.values() for s in slots
+                        if s.state == "fatal"})
+        loop_age = time.monotonic() - self.last_tick
+        return [
+            {"name": "supervisor_loop", "ok": loop_age < 30, "detail": f"{loop_age:.1f}s"},
+            {"name": "database", "ok": self.db_ok, "detail": "reachable" if self.db_ok
+             else "unreachable"},
+            {"name": "children", "ok": not fatal,
+             "detail": "no fatal slots" if not fatal else "fatal: " + ",".join(fatal)},
+        ]
+
+
+def send_reload(pid_file: Path, send: Callable[[int, int], None] = os.kill) -> int:
+    pid = int(pid_file.read_text().strip())
+    send(pid, signal.SIGHUP)
+    return pid
