@@ -398,6 +398,27 @@ def _nvidia_gpus() -> list[GpuReading]:
     return gpus
 
 
+def gpu_memory_by_pid() -> dict[int, int]:
+    """GPU memory each process uses, summed over NVIDIA GPUs (empty without NVML).
+
+    Lets the planner count what our own children hold; AMD's sysfs has no per-process
+    figure, so there a child's GPU memory simply lowers the free reading."""
+    lib = _nvml.ready()
+    if lib is None:
+        return {}
+    used: dict[int, int] = {}
+    try:
+        for i in range(lib.nvmlDeviceGetCount()):
+            handle = lib.nvmlDeviceGetHandleByIndex(i)
+            for proc in lib.nvmlDeviceGetComputeRunningProcesses(handle):
+                mem = getattr(proc, "usedGpuMemory", None)
+                if isinstance(mem, int) and mem > 0:
+                    used[proc.pid] = used.get(proc.pid, 0) + mem
+    except Exception as err:
+        _log_once("nvml-procs", logging.WARNING, "NVML process list failed: %s", _why(err))
+    return used
+
+
 _CARD_RE = re.compile(r"^card(\d+)$")  # skips connector entries such as card0-DP-1
 
 

@@ -6,6 +6,7 @@ States: starting (spawned, not yet healthy for `healthy_after`), running, backof
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -164,10 +165,8 @@ def kill(slot: Slot) -> None:
 
 def _signal(slot: Slot, sig: int) -> None:
     if slot.proc is not None and slot.proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(slot.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def after_exit(slot: Slot, code: int, now: float, policy: RestartConfig) -> None:

@@ -14,19 +14,12 @@ from typing import Any
 import psycopg
 
 from supervisor_app import database
+from supervisor_app.errors import BadInput, Failed
 from workers import logs, queue
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 ENQUEUE_CHUNK = 5000
-
-
-class BadInput(Exception):
-    """Invalid arguments or input: exit 2 with this one-line message."""
-
-
-class Failed(Exception):
-    """The operation ran but failed (a job failed, a wait timed out): exit 1."""
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -315,6 +308,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from supervisor_app import database, embedded
 from supervisor_app.config import ConfigError, load_config, resolve_config_path
+from supervisor_app.errors import BadInput, Failed
 from supervisor_app.http import serve
 from supervisor_app.migrate import migrate
 from supervisor_app.supervisor import Supervisor, send_reload
@@ -23,8 +24,6 @@ def pid_file() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from supervisor_app.cli import BadInput
-
     path = resolve_config_path(args.config)
     try:
         cfg = load_config(path)
@@ -60,8 +59,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def reload(args: argparse.Namespace) -> int:
-    from supervisor_app.cli import Failed
-
     pf = pid_file()
     try:
         pid = send_reload(pf)

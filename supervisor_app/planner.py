@@ -6,9 +6,10 @@ The rule (also in docs/planning.md):
 2. Budgets.
    RAM: ``memory_available`` + RSS currently held by our own children − ``reserve.memory``
    (our children's memory is ours to hand out again, so it counts as available).
-   GPU: free GPU memory summed over all GPUs + the GPU memory our running GPU children
-   are assumed to hold (running × ``gpu_memory_per_job`` × ``concurrency``)
-   − ``reserve.gpu_memory``.
+   GPU: free GPU memory summed over all GPUs + the GPU memory our own children are
+   measured to hold (NVML per-process usage) − ``reserve.gpu_memory``. Memory a model
+   server (Ollama) holds on our jobs' behalf is not ours to hand out: it simply lowers
+   the free reading, and the plan follows it.
 3. Per-process needs.
    RAM: max(``memory_per_job`` × ``concurrency``, average RSS of that type's running
    children) — measured memory counts when a type uses more than it declared.
@@ -96,11 +97,12 @@ def budget(
     running: Mapping[str, Sequence[int]],
     reserve_memory: int,
     reserve_gpu_memory: int,
+    held_gpu: int = 0,
 ) -> Budget:
     # Children of types no longer configured still hold memory, and that memory comes
-    # back once they are stopped, so all our children's RSS counts.
+    # back once they are stopped, so all our children's RSS counts. GPU memory counts
+    # only as measured per child: declared figures are a need, not a holding.
     held_ram = sum(sum(rss) for rss in running.values())
-    held_gpu = sum(len(running.get(name, ())) * gpu_need(t) for name, t in types.items())
     return Budget(
         ram=readings.memory_available + held_ram - reserve_memory,
         gpu=readings.gpu_free + held_gpu - reserve_gpu_memory,
@@ -117,6 +119,7 @@ def plan_targets(
     reserve_gpu_memory: int = 0,
     current: Mapping[str, int] | None = None,
     grow_margin: float = 0.0,
+    held_gpu: int = 0,
 ) -> dict[str, PlanEntry]:
     """The budget rule without hysteresis: how many processes fit now.
 
@@ -125,7 +128,7 @@ def plan_targets(
     a type absent from ``current`` (a first plan) needs no margin."""
     running = running or {}
     current = current or {}
-    b = budget(types, readings, running, reserve_memory, reserve_gpu_memory)
+    b = budget(types, readings, running, reserve_memory, reserve_gpu_memory, held_gpu)
     ram_left, gpu_left = b.ram, b.gpu
     order = sorted(types, key=lambda name: (-types[name].priority, name))
     needs = {n: (ram_need(types[n], running.get(n, ())), gpu_need(types[n])) for n in order}
@@ -186,11 +189,13 @@ class Planner:
         types: Mapping[str, PlanType],
         readings: Readings,
         running: Mapping[str, Sequence[int]] | None = None,
+        held_gpu: int = 0,
     ) -> dict[str, PlanEntry]:
-        """``running``: RSS in bytes of each running child, per type."""
+        """``running``: RSS in bytes of each running child, per type; ``held_gpu``: GPU
+        memory our children hold, as measured."""
         running = running or {}
         self.last_budget = budget(
-            types, readings, running, self.reserve_memory, self.reserve_gpu_memory
+            types, readings, running, self.reserve_memory, self.reserve_gpu_memory, held_gpu
         )
         targets = plan_targets(
             types,
@@ -200,6 +205,7 @@ class Planner:
             reserve_gpu_memory=self.reserve_gpu_memory,
             current=self.applied,
             grow_margin=self.grow_margin,
+            held_gpu=held_gpu,
         )
         plan = {name: self._settle(name, types[name], entry) for name, entry in targets.items()}
         for gone in set(self.applied) - set(types):

@@ -7,6 +7,7 @@ stuck → re-plan → top up or shrink the pools → periodic duties. Each is a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -22,7 +23,7 @@ import psycopg
 from croniter import croniter
 
 from supervisor_app import children, registry_table
-from supervisor_app.capacity import Readings, read_capacity
+from supervisor_app.capacity import Readings, gpu_memory_by_pid, read_capacity
 from supervisor_app.children import Slot
 from supervisor_app.config import Config, ConfigError, diff_types, load_config
 from supervisor_app.planner import PlanEntry, Planner
@@ -116,10 +117,8 @@ class Supervisor:
 
     def _queue_signal(self, sig: int, _frame: Any) -> None:
         self.signals.append(sig)
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.write(self.wake_w, b".")
-        except BlockingIOError:
-            pass
 
     def _handle_signals(self) -> None:
         while self.signals:
@@ -248,7 +247,12 @@ class Supervisor:
                     children.measure(s, with_uss=True)
                     running.setdefault(job_type, []).append(s.rss)
         self.readings = read_capacity()
-        self.plan = self.planner.replan(types, self.readings, running)
+        held_gpu = 0
+        if self.readings.gpus:
+            by_pid = gpu_memory_by_pid()
+            held_gpu = sum(by_pid.get(s.pid or -1, 0) for slots in self.slots.values()
+                           for s in slots)
+        self.plan = self.planner.replan(types, self.readings, running, held_gpu)
         self._recycle_over_memory()
 
     def _recycle_over_memory(self) -> None:
@@ -417,10 +421,8 @@ class Supervisor:
         for slots in self.slots.values():
             for s in slots:
                 children.close_status(s)
-        try:
+        with contextlib.suppress(psycopg.Error):
             registry_table.withdraw(self._db(), self.sup_id)
-        except psycopg.Error:
-            pass
         if self.db is not None:
             self.db.close()
         log.info("supervisor_stopped", extra={"forced": self.forced})

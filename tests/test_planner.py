@@ -133,11 +133,20 @@ def test_free_memory_of_all_gpus_is_summed() -> None:
     assert counts(plan_targets(types, machine(8 * GiB, gpus=[2 * GiB, 3 * GiB])))["vision"] == 5
 
 
-def test_gpu_memory_of_running_gpu_children_counts_as_available() -> None:
+def test_measured_gpu_memory_of_our_children_counts_as_available() -> None:
     types = {"vision": kind(gpu=2 * GiB)}
     readings = machine(8 * GiB, gpus=[GiB])  # our two children hold 4 GiB of it
-    plan = plan_targets(types, readings, {"vision": [MiB, MiB]}, reserve_gpu_memory=GiB)
+    plan = plan_targets(types, readings, {"vision": [MiB, MiB]}, reserve_gpu_memory=GiB,
+                        held_gpu=4 * GiB)
     assert plan["vision"] == PlanEntry(2, LIMITED_BY_GPU)
+
+
+def test_declared_gpu_need_of_running_children_is_not_counted_as_held() -> None:
+    # Ollama, not our children, holds the memory: a low free reading must shrink us.
+    types = {"vision": kind(gpu=2 * GiB)}
+    readings = machine(8 * GiB, gpus=[GiB])
+    plan = plan_targets(types, readings, {"vision": [MiB, MiB]}, reserve_gpu_memory=GiB)
+    assert plan["vision"] == PlanEntry(0, LIMITED_BY_GPU)
 
 
 def test_gpu_budget_goes_to_higher_priority_first() -> None:

@@ -1,0 +1,302 @@
+"""`jobvisor run` as a real process: children, signals, reloads, planning, HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from supervisor_app.metrics import METRIC_NAMES
+from tests.handlers import EFFECTS_DDL
+from tests.helpers import counts, wait_for
+from tests.supervisor_harness import Supervisor, base_config, free_port
+from workers import queue as q
+
+SMALL = {"memory_per_job": "1MiB"}
+
+
+def test_kill_9_of_a_child_mid_job_restarts_it_and_the_job_completes_once(db, worker_env,
+                                                                         tmp_path):
+    db.execute(EFFECTS_DDL)
+    cfg = base_config(free_port(), {"rec": {"handler": "tests.handlers:record", **SMALL,
+                                            "processes": {"min": 1, "max": 1}}})
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    try:
+        job_id = q.enqueue(db, q.NewJob("rec", {"seconds": 2}))
+        wait_for(lambda: counts(db, "rec").get("leased") == 1, what="job leased")
+        (owner,) = db.execute("SELECT leased_by FROM jobvisor.jobs WHERE id = %s",
+                              (job_id,)).fetchone()
+        victim = int(owner.rsplit(":", 1)[1])
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: q.get_job(db, job_id)["status"] == "completed", what="job completed")
+        row = q.get_job(db, job_id)
+        assert row["attempts"] == 2 and row["leased_by"] != owner
+        assert db.execute("SELECT job_id, attempt FROM effects").fetchall() == [(job_id, 2)]
+        assert [e["child_pid"] for e in sup.events("leases_rescued")] == [victim]
+    finally:
+        assert sup.stop() == 0
+
+
+def test_always_crashing_child_backs_off_with_growing_gaps_then_turns_fatal(db, worker_env,
+                                                                           tmp_path):
+    cfg = base_config(free_port(), {
+        "crashy": {"handler": "tests.crashy:handle", **SMALL, "processes": {"min": 1, "max": 1}},
+        "noop": {**SMALL, "processes": {"min": 1, "max": 1}}})
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    try:
+        wait_for(lambda: sup.events("child_fatal"), what="slot turning fatal")
+        gaps = [e["restart_in_s"] for e in sup.events("child_died")]
+        assert gaps == [0.2, 0.4, 0.8]  # backoff 0.2 s doubling; the 4th quick failure: fatal
+        status, body, _ = sup.get("/healthz")
+        assert status == 503
+        assert {"name": "children", "ok": False, "detail": "fatal: crashy"} in \
+            json.loads(body)["checks"]
+        _, text, _ = sup.get("/metrics")
+        assert 'jobvisor_worker_processes{job_type="crashy",state="fatal"} 1.0' in text
+        # The healthy type keeps working.
+        job_id = q.enqueue(db, q.NewJob("noop", {}))
+        wait_for(lambda: q.get_job(db, job_id)["status"] == "completed", what="noop served")
+    finally:
+        assert sup.stop() == 0
+
+
+def test_sighup_with_raised_max_adds_processes_and_others_keep_their_pids(db, worker_env,
+                                                                         tmp_path):
+    types = {"noop": {**SMALL, "processes": {"min": 1, "max": 1}},
+             "sleep": {**SMALL, "processes": {"min": 1, "max": 1}}}
+    cfg = base_config(free_port(), types)
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    try:
+        wait_for(lambda: sup.pids(db, "noop") and sup.pids(db, "sleep"), what="children up")
+        noop_before, sleep_before = sup.pids(db, "noop"), sup.pids(db, "sleep")
+        types["sleep"]["processes"] = {"min": 1, "max": 3}
+        sup.write_config(cfg)
+        sup.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(sup.pids(db, "sleep")) == 3, what="3 sleep children")
+        assert sup.pids(db, "noop") == noop_before
+        assert set(sleep_before) <= set(sup.pids(db, "sleep"))
+        assert sup.events("reloaded")[0]["resized"] == ["sleep"]
+    finally:
+        assert sup.stop() == 0
+
+
+def test_sighup_with_changed_worker_settings_replaces_that_type_only(db, worker_env, tmp_path):
+    types = {"noop": {**SMALL, "processes": {"min": 1, "max": 1}},
+             "sleep": {**SMALL, "processes": {"min": 2, "max": 2}}}
+    cfg = base_config(free_port(), types)
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    try:
+        wait_for(lambda: sup.pids(db, "noop") and len(sup.pids(db, "sleep")) == 2,
+                 what="children up")
+        noop_before, sleep_before = sup.pids(db, "noop"), sup.pids(db, "sleep")
+        types["sleep"]["concurrency"] = 3
+        sup.write_config(cfg)
+        sup.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(sup.pids(db, "sleep")) == 2
+                 and not set(sup.pids(db, "sleep")) & set(sleep_before),
+                 what="both sleep children replaced")
+        assert sup.pids(db, "noop") == noop_before
+        assert len(sup.events("child_replacing")) == 2
+    finally:
+        assert sup.stop() == 0
+
+
+def test_sighup_with_an_invalid_file_keeps_everything_running(db, worker_env, tmp_path):
+    cfg = base_config(free_port(), {"noop": {**SMALL, "processes": {"min": 1, "max": 1}}})
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    try:
+        wait_for(lambda: sup.pids(db, "noop"), what="child up")
+        before = sup.pids(db, "noop")
+        sup.write_config("types:\n  noop:\n    processes: {min: 3, max: 1}\n")
+        sup.proc.send_signal(signal.SIGHUP)
+        (rejected,) = wait_for(lambda: sup.events("reload_rejected"), what="reload rejected")
+        assert "types.noop.processes.max" in rejected["error"]
+        assert sup.get("/healthz")[0] == 200
+        job_id = q.enqueue(db, q.NewJob("noop", {}))
+        wait_for(lambda: q.get_job(db, job_id)["status"] == "completed", what="still serving")
+        assert sup.pids(db, "noop") == before
+    finally:
+        assert sup.stop() == 0
+
+
+def _plan(sup: Supervisor, db) -> dict[str, int]:
+    view = sup.view(db) or {"plan": {}}
+    return {t: p["processes"] for t, p in view["plan"].items()}
+
+
+def test_low_ram_then_low_gpu_shrink_lower_priority_types_first(db, worker_env, tmp_path):
+    overrides = tmp_path / "capacity.json"
+    overrides.write_text(json.dumps({"memory_available": "64GiB", "gpu_free": ["40GiB"]}))
+    env = dict(worker_env, JOBVISOR_CAPACITY_OVERRIDES=str(overrides))
+    cfg = base_config(free_port(), {
+        "important": {"handler": "workers.handlers.builtin:noop", "memory_per_job": "1GiB", "priority": 10,
+                      "processes": {"min": 0, "max": 2}},
+        "minor": {"handler": "workers.handlers.builtin:noop", "memory_per_job": "1GiB", "priority": 1, "processes": {"min": 0, "max": 2}},
+        "gpu_hi": {"handler": "workers.handlers.builtin:noop", "memory_per_job": "1MiB",
+                   "gpu_memory_per_job": "8GiB", "priority": 9,
+                   "processes": {"min": 0, "max": 2}},
+        "gpu_lo": {"handler": "workers.handlers.builtin:noop", "memory_per_job": "1MiB",
+                   "gpu_memory_per_job": "8GiB", "priority": 2,
+                   "processes": {"min": 0, "max": 2}},
+    })
+    sup = Supervisor(tmp_path, env, cfg).start()
+    try:
+        full = {"important": 2, "minor": 2, "gpu_hi": 2, "gpu_lo": 2}
+        wait_for(lambda: _plan(sup, db) == full, what="everything at max")
+        # RAM for ~2.5 one-GiB processes: the higher priority type keeps its two.
+        overrides.write_text(json.dumps({"memory_available": "2700MiB",
+                                         "gpu_free": ["40GiB"]}))
+        wait_for(lambda: _plan(sup, db) == full | {"minor": 0}, what="minor shrunk")
+        # GPU memory for two 8 GiB processes: gpu_lo gives way to gpu_hi.
+        overrides.write_text(json.dumps({"memory_available": "2700MiB",
+                                         "gpu_free": ["17GiB"]}))
+        wait_for(lambda: _plan(sup, db) == full | {"minor": 0, "gpu_lo": 0},
+                 what="gpu_lo shrunk")
+        wait_for(lambda: not sup.pids(db, "gpu_lo") and len(sup.pids(db, "gpu_hi")) == 2,
+                 what="children follow the plan")
+    finally:
+        assert sup.stop() == 0
+
+
+def test_sigterm_with_sleep_jobs_in_flight_exits_0_and_loses_no_job(db, worker_env, tmp_path):
+    cfg = base_config(free_port(), {"sleep": {**SMALL, "concurrency": 3,
+                                              "processes": {"min": 2, "max": 2}}})
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    ids = q.enqueue_many(db, [q.NewJob("sleep", {"seconds": 1}) for _ in range(20)])
+    wait_for(lambda: counts(db, "sleep").get("leased") == 6, what="6 jobs in flight")
+    assert sup.stop(signal.SIGTERM) == 0
+    c = counts(db, "sleep")
+    assert sum(c.values()) == len(ids)
+    assert set(c) <= {"completed", "queued"} and c["completed"] >= 6
+    assert db.execute("SELECT count(*) FROM jobvisor.jobs WHERE attempts > 1").fetchone()[0] == 0
+
+
+def test_global_concurrency_holds_across_two_supervisors(db, worker_env, tmp_path):
+    types = {"sleep": {**SMALL, "concurrency": 2, "global_concurrency": 3,
+                       "processes": {"min": 2, "max": 2}}}
+    a = Supervisor(tmp_path, worker_env, base_config(free_port(), types), "a").start()
+    b = Supervisor(tmp_path, worker_env, base_config(free_port(), types), "b").start()
+    seen: list[int] = []
+    try:
+        q.enqueue_many(db, [q.NewJob("sleep", {"seconds": 0.3}) for _ in range(30)])
+
+        def sample() -> bool:
+            (leased,) = db.execute("SELECT count(*) FROM jobvisor.jobs "
+                                   "WHERE status = 'leased'").fetchone()
+            seen.append(leased)
+            return counts(db, "sleep").get("completed") == 30
+
+        wait_for(sample, interval=0.01, timeout=120, what="30 jobs done")
+    finally:
+        assert a.stop() == 0 and b.stop() == 0
+    assert max(seen) <= 3
+    assert max(seen) == 3  # 8 threads wanted more: the cap, not idleness, held them
+    hosts = db.execute("SELECT count(DISTINCT leased_by) FROM jobvisor.jobs").fetchone()[0]
+    assert hosts >= 2
+
+
+def test_metrics_parse_and_carry_the_documented_names(db, worker_env, tmp_path):
+    cfg = base_config(free_port(), {"noop": {**SMALL, "processes": {"min": 1, "max": 1}},
+                                    "fail": {**SMALL, "processes": {"min": 1, "max": 1},
+                                             "retry": {"max_attempts": 2, "backoff": "0.1s"}}})
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    try:
+        q.enqueue_many(db, [q.NewJob("noop", {}) for _ in range(5)])
+        q.enqueue(db, q.NewJob("fail", {"kind": "permanent"}, max_attempts=2))
+        q.enqueue(db, q.NewJob("fail", {"kind": "transient"}, max_attempts=2))
+
+        def scraped() -> dict[str, list]:
+            _, text, _ = sup.get("/metrics")
+            fams = {f.name: f.samples for f in text_string_to_metric_families(text)}
+            done = [s for s in fams.get("jobvisor_jobs", []) if s.labels.get("job_type") ==
+                    "noop" and s.labels.get("outcome") == "completed" and s.value == 5]
+            failed = [s for s in fams.get("ai_worker_failed", []) if s.value >= 1]
+            return fams if done and len(failed) == 2 else {}
+
+        fams = wait_for(scraped, what="outcomes reported in /metrics")
+    finally:
+        assert sup.stop() == 0
+    names = {n.removesuffix("_total") for n in METRIC_NAMES}
+    assert names <= set(fams), names - set(fams)
+    codes = {s.labels["error_code"] for s in fams["ai_worker_failed"]}
+    assert codes == {"fail_permanent", "fail_transient"}
+    assert [s.value for s in fams["ai_worker_retry"] if s.labels["phase"] == "fail"] == [1.0]
+    rss = [s for s in fams["jobvisor_worker_resident_memory_bytes"]]
+    assert {(s.labels["job_type"], s.labels["slot"]) for s in rss} == {("noop", "0"),
+                                                                      ("fail", "0")}
+    assert all(s.value > 0 for s in rss)
+
+
+def test_operator_health_endpoint_requires_the_bearer_token(db, worker_env, tmp_path):
+    env = dict(worker_env, JOBVISOR_HEALTH_TOKEN="s3cret-token")
+    cfg = base_config(free_port(), {"noop": {**SMALL, "processes": {"min": 1, "max": 1}}})
+    sup = Supervisor(tmp_path, env, cfg).start()
+    try:
+        path = "/internal/health/learning-worker"
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+            status, body, hdrs = sup.get(path, headers)
+            assert status == 401 and "checks" not in body
+            assert hdrs["Cache-Control"] == "private, no-store" and hdrs["Vary"] == "Origin"
+        status, body, hdrs = sup.get(path, {"Authorization": "Bearer s3cret-token"})
+        doc = json.loads(body)
+        assert status in (200, 503) and doc["status"] in ("healthy", "degraded")
+        assert (status == 200) == all(c["ok"] for c in doc["checks"])
+        assert hdrs["Cache-Control"] == "private, no-store" and hdrs["Vary"] == "Origin"
+        assert {"supervisor_loop", "database", "children"} <= {c["name"] for c in doc["checks"]}
+    finally:
+        assert sup.stop() == 0
+
+
+def test_two_supervisors_with_one_schedule_enqueue_one_job_per_slot(db, worker_env, tmp_path):
+    types = {"noop": {**SMALL, "schedule": "* * * * *", "processes": {"min": 1, "max": 1}}}
+    a = Supervisor(tmp_path, worker_env, base_config(free_port(), types), "a").start()
+    b = Supervisor(tmp_path, worker_env, base_config(free_port(), types), "b").start()
+    try:
+        wait_for(lambda: a.events("cron_enqueued") and b.events("cron_enqueued"),
+                 what="both supervisors enqueueing the current slot")
+        wait_for(lambda: counts(db, "noop").get("completed", 0) >= 1, what="slot job ran")
+        slots_a = {e["slot"]: e["job_id"] for e in a.events("cron_enqueued")}
+        slots_b = {e["slot"]: e["job_id"] for e in b.events("cron_enqueued")}
+        for slot in slots_a.keys() & slots_b.keys():
+            assert slots_a[slot] == slots_b[slot]
+    finally:
+        assert a.stop() == 0 and b.stop() == 0
+    keys = db.execute("SELECT idempotency_key, count(*) FROM jobvisor.jobs "
+                      "GROUP BY 1").fetchall()
+    assert keys and all(n == 1 for _, n in keys)
+
+
+def test_second_sigint_stops_at_once_and_jobs_go_back(db, worker_env, tmp_path):
+    cfg = base_config(free_port(), {"rec": {"handler": "tests.handlers:record", **SMALL,
+                                            "processes": {"min": 1, "max": 1}}}, grace="60s")
+    db.execute(EFFECTS_DDL)
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    job_id = q.enqueue(db, q.NewJob("rec", {"seconds": 300, "ignore_cancel": True}))
+    wait_for(lambda: counts(db, "rec").get("leased") == 1, what="job running")
+    sup.proc.send_signal(signal.SIGINT)
+    wait_for(lambda: sup.events("supervisor_draining"), what="draining")
+    sup.proc.send_signal(signal.SIGINT)
+    assert sup.proc.wait(timeout=30) == 130
+    row = q.get_job(db, job_id)
+    assert row["status"] == "queued"
+
+
+def test_supervisor_refuses_a_config_with_an_unimportable_handler(worker_env, tmp_path):
+    cfg = base_config(free_port(), {"mine": {"handler": "no_such_module:handle", **SMALL}})
+    sup = Supervisor(tmp_path, worker_env, cfg)
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "supervisor_app", "run", "--config",
+                           str(sup.config_path)], env=sup.env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "mine" in proc.stderr and "no_such_module" in proc.stderr
+
+
+_ = (socket, threading, time)
