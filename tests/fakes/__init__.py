@@ -1,0 +1,1 @@
+"""Test doubles for services jobvisor talks to (Ollama)."""
