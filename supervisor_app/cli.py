@@ -4,6 +4,7 @@ unreachable database (with one line on stderr naming the problem)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import sys
@@ -284,7 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("id", type=int)
     sp = add("cancel", cmd_jobs_cancel, "cancel a queued job or ask a running one to stop", jsub)
     sp.add_argument("id", type=int)
+
+    for name in _PLUGGED_COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub, add)
     return p
+
+
+# Command groups that live in modules of their own (the pipeline, backups).
+_PLUGGED_COMMANDS = ("supervisor_app.cli_learning", "supervisor_app.cli_backup")
 
 
 def main(argv: list[str] | None = None) -> int:
