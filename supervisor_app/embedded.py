@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 log = logging.getLogger("jobvisor.embedded")
@@ -22,7 +23,10 @@ def home() -> Path:
 
 def start(data_dir: Path | None = None, *, keep_running: bool = False) -> str:
     """Start (or attach to) the embedded server and return its DSN."""
-    import pgserver  # heavy-ish and only needed without DATABASE_URL
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless.
+        warnings.simplefilter("ignore")
+        import pgserver  # only needed without DATABASE_URL
 
     data_dir = (data_dir or home() / "pgdata").resolve()
     data_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import threading
-import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -299,4 +296,86 @@ def test_supervisor_refuses_a_config_with_an_unimportable_handler(worker_env, tm
     assert "mine" in proc.stderr and "no_such_module" in proc.stderr
 
 
-_ = (socket, threading, time)
+
+def test_a_silent_child_is_killed_and_replaced(db, worker_env, tmp_path):
+    cfg = base_config(free_port(), {"noop": {**SMALL, "processes": {"min": 1, "max": 1}}},
+                      child_heartbeat_timeout="2s")
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    try:
+        (pid,) = wait_for(lambda: sup.pids(db, "noop"), what="child running")
+        os.kill(pid, signal.SIGSTOP)  # alive but silent: no heartbeats reach the supervisor
+        (silent,) = wait_for(lambda: sup.events("child_silent"), what="silent child noticed")
+        assert silent["job_type"] == "noop"
+        wait_for(lambda: sup.pids(db, "noop") and sup.pids(db, "noop") != [pid],
+                 what="replacement child")
+        job_id = q.enqueue(db, q.NewJob("noop", {}))
+        wait_for(lambda: q.get_job(db, job_id)["status"] == "completed", what="served again")
+    finally:
+        assert sup.stop() == 0
+
+
+def test_a_child_over_its_memory_limit_is_drained_and_replaced(db, worker_env, tmp_path):
+    cfg = base_config(free_port(), {"noop": {"memory_per_job": "1MiB", "memory_limit": "2MiB",
+                                             "processes": {"min": 1, "max": 1}}},
+                      restart={"backoff": "0.2s", "healthy_after": "1s",
+                               "max_quick_failures": 2})
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    try:
+        (first,) = wait_for(lambda: sup.events("child_recycled"), what="recycle")
+        assert first["uss"] > first["limit"]
+        wait_for(lambda: len(sup.events("child_started")) >= 2, what="replacement started")
+        job_id = q.enqueue(db, q.NewJob("noop", {}))
+        wait_for(lambda: q.get_job(db, job_id)["status"] == "completed", what="job served")
+        assert not sup.events("child_fatal")  # a recycle is not a failure
+        assert not sup.events("child_died")
+    finally:
+        assert sup.stop() == 0
+
+
+def test_jobvisor_reload_signals_the_supervisor_from_its_pid_file(db, worker_env, tmp_path):
+    cfg = base_config(free_port(), {"noop": {**SMALL, "processes": {"min": 1, "max": 1}}})
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    try:
+        import subprocess
+        import sys
+
+        out = subprocess.run([sys.executable, "-m", "supervisor_app", "reload"], env=sup.env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and str(sup.proc.pid) in out.stdout
+        wait_for(lambda: sup.events("reloaded"), what="reload logged")
+    finally:
+        assert sup.stop() == 0
+    gone = subprocess.run([sys.executable, "-m", "supervisor_app", "reload"], env=sup.env,
+                          capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1 and "no running supervisor" in gone.stderr
+
+
+def test_run_on_the_embedded_postgresql_without_database_url(worker_env, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in worker_env.items() if k != "DATABASE_URL"}
+    cfg = base_config(free_port(), {"noop": {**SMALL, "processes": {"min": 1, "max": 1}}})
+    sup = Supervisor(tmp_path, env, cfg).start()
+    try:
+        out = subprocess.run([sys.executable, "-m", "supervisor_app", "enqueue", "noop",
+                              "--payload", "{}"], env=sup.env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        job_id = out.stdout.strip()
+
+        def done() -> bool:
+            shown = subprocess.run([sys.executable, "-m", "supervisor_app", "jobs", "show",
+                                    job_id, "--json"], env=sup.env, capture_output=True,
+                                   text=True, timeout=120)
+            return json.loads(shown.stdout)["status"] == "completed"
+
+        wait_for(done, interval=0.5, what="job done on the embedded server")
+        url = subprocess.run([sys.executable, "-m", "supervisor_app", "db-url"], env=sup.env,
+                             capture_output=True, text=True, timeout=120)
+        # pgserver listens on a unix socket only, placed in the data dir when its path
+        # is short enough for a socket name.
+        assert url.returncode == 0 and url.stdout.startswith("postgresql://")
+    finally:
+        assert sup.stop() == 0
+    assert (sup.dir / "pgdata" / "PG_VERSION").exists()  # kept between runs

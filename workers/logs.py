@@ -42,5 +42,5 @@ def configure(level: str | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel((level or os.environ.get("JOBVISOR_LOG_LEVEL", "INFO")).upper())
     # Libraries chatty at INFO (httpx logs every request URL) stay at WARNING.
-    for noisy in ("httpx", "httpcore", "LiteLLM", "litellm", "psycopg.pool"):
+    for noisy in ("httpx", "httpcore", "LiteLLM", "litellm", "psycopg.pool", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
