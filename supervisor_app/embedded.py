@@ -32,5 +32,5 @@ def start(data_dir: Path | None = None, *, keep_running: bool = False) -> str:
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(data_dir, cleanup_mode=None if keep_running else "stop")
     uri = server.get_uri()
-    log.info("embedded_postgres_ready data_dir=%s", data_dir)
+    log.info("embedded_postgres_ready", extra={"data_dir": str(data_dir)})
     return uri

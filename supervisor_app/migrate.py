@@ -79,7 +79,7 @@ def migrate(dsn: str, directory: Path | None = None) -> list[str]:
             for m in migrations:
                 if m.version in done:
                     if done[m.version] != m.checksum:
-                        log.warning("migration_changed_after_apply version=%s", m.version)
+                        log.warning("migration_changed_after_apply", extra={"version": m.version})
                     continue
                 with conn.transaction():
                     conn.execute(m.sql)
@@ -88,7 +88,7 @@ def migrate(dsn: str, directory: Path | None = None) -> list[str]:
                         " VALUES (%s, %s, %s)",
                         (m.version, m.name, m.checksum),
                     )
-                log.info("migration_applied version=%s name=%s", m.version, m.name)
+                log.info("migration_applied", extra={"version": m.version, "migration": m.name})
                 applied.append(f"{m.version:03d}_{m.name}")
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
