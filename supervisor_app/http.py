@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("jobvisor.http")
 
 OPERATOR_PATH = "/internal/health/learning-worker"
+MAX_BODY = 64 * 1024
 
 
 def probe_database(dsn: str) -> tuple[str | None, list[dict[str, Any]]]:
@@ -58,7 +59,25 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == OPERATOR_PATH:
             self._operator_health()
         else:
+            self._delegate("GET", path)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._delegate("POST", self.path.split("?", 1)[0])
+
+    def _delegate(self, method: str, path: str) -> None:
+        """Everything else belongs to the dashboard (pages, its JSON API, actions)."""
+        from supervisor_app import dashboard
+
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(min(length, MAX_BODY)) if length else b""
+        answer = dashboard.route(self.server.sup, method, self.path, self.headers, body,
+                                 self.client_address[0])
+        if answer is None:
             self._json(404, {"error": "not found"})
+            return
+        code, headers, payload = answer
+        ctype = headers.pop("Content-Type", "application/octet-stream")
+        self._send(code, payload, ctype, headers)
 
     def _operator_health(self) -> None:
         private = {"Cache-Control": "private, no-store", "Vary": "Origin"}

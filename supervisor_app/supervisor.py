@@ -70,6 +70,7 @@ class Supervisor:
         self.last_tick = time.monotonic()
         self.started = time.time()
         self.reload_error: str | None = None
+        self.paused: set[str] = set()  # drained by an operator: planned at 0 until resumed
 
     # --- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -153,6 +154,22 @@ class Supervisor:
         log.info("reloaded", extra={"added": sorted(diff.added), "removed": sorted(diff.removed),
                                     "replaced": sorted(diff.settings_changed),
                                     "resized": sorted(diff.processes_changed)})
+
+    def pause(self, job_type: str) -> None:
+        """Drain one type's children and start none until `resume` (operator action)."""
+        self.paused.add(job_type)
+        log.info("type_paused", extra={"job_type": job_type})
+        self.wake()
+
+    def resume(self, job_type: str) -> None:
+        self.paused.discard(job_type)
+        log.info("type_resumed", extra={"job_type": job_type})
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the loop from another thread (HTTP actions)."""
+        with contextlib.suppress(BlockingIOError):
+            os.write(self.wake_w, b".")
 
     def _drain(self) -> None:
         if self.draining:
@@ -273,6 +290,8 @@ class Supervisor:
                     self._retire(s, now)
         for job_type in types:
             target = self.plan.get(job_type, PlanEntry(0, "not planned")).processes
+            if job_type in self.paused:
+                target = 0
             slots = self.slots.setdefault(job_type, [])
             active = [s for s in slots if not s.retire]
             for s in sorted(active, key=lambda s: s.index)[target:]:
@@ -435,8 +454,10 @@ class Supervisor:
             "supervisor": {"id": self.sup_id, "host": self.host, "pid": os.getpid(),
                            "started_at": self.started, "draining": self.draining},
             "workers": [s.view(now) for slots in self.slots.values() for s in slots],
-            "plan": {t: {"processes": e.processes, "reason": e.reason}
+            "plan": {t: {"processes": 0 if t in self.paused else e.processes,
+                         "reason": "paused by operator" if t in self.paused else e.reason}
                      for t, e in self.plan.items()},
+            "paused": sorted(self.paused),
             "readings": None if r is None else {
                 "memory_available": r.memory_available, "memory_total": r.memory_total,
                 "cpu_count": r.cpu_count,
