@@ -142,7 +142,7 @@ def _print_ids(ids: list[int]) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     with _connect(args) as conn:
         queues = queue.status_counts(conn)
-        workers, plan = _supervisor_view(conn)
+        workers, plan, readings = _supervisor_view(conn)
     out = {"queues": queues, "workers": workers, "plan": plan}
     if args.json:
         print(json.dumps(out, sort_keys=True))
@@ -152,29 +152,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     for job_type, c in sorted(queues.items()):
         print(f"{job_type:<14}{c['queued']:>8}{c['leased']:>8}{c['completed']:>9}"
               f"{c['failed']:>8}{c['cancelled']:>8}{c['oldest_queued_s']:>10.1f}")
+    for host, r in readings:
+        gpus = ", ".join(f"gpu{g['index']} {g['free_bytes'] // 2**20} MiB free"
+                         for g in r.get("gpus", [])) or "no GPU"
+        print(f"\n{host}: RAM {r['memory_available'] // 2**20} MiB available, "
+              f"{r['cpu_count']} CPUs, {gpus}")
     if plan:
-        print("\nplan: " + ", ".join(f"{t}={p['processes']} ({p['reason']})"
-                                     for t, p in sorted(plan.items())))
+        print("plan: " + ", ".join(f"{t}={p['processes']} ({p['reason']})"
+                                   for t, p in sorted(plan.items())))
     for w in workers:
         print(f"  {w['job_type']}[{w['slot']}] pid={w['pid']} {w['state']} "
               f"rss={w['rss_bytes'] // 2**20}MiB")
     return EXIT_OK
 
 
-def _supervisor_view(conn: psycopg.Connection) -> tuple[list[dict], dict[str, dict]]:
-    """Workers and plan of live supervisors (they publish into the database)."""
-    try:
-        from supervisor_app.registry_table import live_supervisors
-    except ImportError:
-        return [], {}
+def _supervisor_view(
+    conn: psycopg.Connection,
+) -> tuple[list[dict], dict[str, dict], list[tuple[str, dict]]]:
+    """Workers, plan and machine readings of live supervisors (published in the database)."""
+    from supervisor_app.registry_table import live_supervisors
+
     workers: list[dict] = []
     plan: dict[str, dict] = {}
+    readings: list[tuple[str, dict]] = []
     for state in live_supervisors(conn):
         workers.extend(state.get("workers", []))
+        if state.get("readings"):
+            readings.append((state["supervisor"]["host"], state["readings"]))
         for job_type, entry in state.get("plan", {}).items():
             merged = plan.setdefault(job_type, {"processes": 0, "reason": entry["reason"]})
             merged["processes"] += entry["processes"]
-    return workers, plan
+    return workers, plan, readings
 
 
 def _job_or_fail(conn: psycopg.Connection, job_id: int) -> dict[str, Any]:

@@ -379,3 +379,25 @@ def test_run_on_the_embedded_postgresql_without_database_url(worker_env, tmp_pat
     finally:
         assert sup.stop() == 0
     assert (sup.dir / "pgdata" / "PG_VERSION").exists()  # kept between runs
+
+
+def test_status_shows_plan_readings_and_children_of_a_running_supervisor(db, worker_env,
+                                                                        tmp_path):
+    import subprocess
+    import sys
+
+    cfg = base_config(free_port(), {"noop": {**SMALL, "processes": {"min": 1, "max": 2}}})
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    try:
+        wait_for(lambda: len(sup.pids(db, "noop")) == 2, what="children published")
+        human = subprocess.run([sys.executable, "-m", "supervisor_app", "status"], env=sup.env,
+                               capture_output=True, text=True, timeout=60)
+        as_json = subprocess.run([sys.executable, "-m", "supervisor_app", "status", "--json"],
+                                 env=sup.env, capture_output=True, text=True, timeout=60)
+    finally:
+        assert sup.stop() == 0
+    assert "MiB available" in human.stdout and "plan: noop=2 (max reached)" in human.stdout
+    doc = json.loads(as_json.stdout)
+    assert doc["plan"] == {"noop": {"processes": 2, "reason": "max reached"}}
+    assert sorted(w["slot"] for w in doc["workers"]) == [0, 1]
+    assert all(w["rss_bytes"] > 0 and w["state"] == "running" for w in doc["workers"])
