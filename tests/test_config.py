@@ -114,7 +114,12 @@ def test_shipped_config_loads_with_the_documented_types() -> None:
     assert vision.gpu_memory_per_job == 2 * 1024**3 and vision.priority == 10
     assert feedback.gpu_memory_per_job > 0 and feedback.priority == 5
     assert (backup.processes.min, backup.processes.max, backup.concurrency) == (1, 1, 1)
-    assert backup.schedule == "0 3 * * *" and backup.timeout == 300.0
+    assert backup.schedule == "0 3 * * *" and backup.timeout == 420.0
+    # The job's hard timeout must leave the backup engine time to time out by itself and
+    # write its backup_timeout manifest.
+    from workers.backup import dump
+
+    assert backup.timeout > dump.DEFAULT_TIMEOUT_S + dump.DEFAULT_KILL_GRACE_S
 
 
 def test_invalid_file_error_names_file_key_and_problem(tmp_path: Path) -> None:
