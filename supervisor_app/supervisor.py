@@ -425,8 +425,13 @@ class Supervisor:
     def _sleep(self) -> None:
         fds = [self.wake_r] + [s.status_fd for slots in self.slots.values() for s in slots
                                if s.status_fd is not None]
+        # Wake exactly when a restart's backoff ends: a job whose child died waits on it.
+        now = time.monotonic()
+        restarts = [s.restart_at for slots in self.slots.values() for s in slots
+                    if s.proc is None and s.state == "backoff" and not s.retire]
+        timeout = max(0.0, min([TICK, *(r - now for r in restarts)]))
         try:
-            ready, _, _ = select.select(fds, [], [], TICK)
+            ready, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
             return
         if self.wake_r in ready:
