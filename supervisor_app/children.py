@@ -75,6 +75,9 @@ def worker_command(cfg: Config, job_type: str) -> list[str]:
         "--max-attempts", str(t.retry.max_attempts), "--backoff", f"{t.retry.backoff:g}",
         "--max-backoff", f"{t.retry.max_backoff:g}",
         "--options", json.dumps(t.options, sort_keys=True, separators=(",", ":")),
+        "--attempts-by-type", json.dumps(
+            {name: other.retry.max_attempts for name, other in cfg.types.items()},
+            sort_keys=True, separators=(",", ":")),
     ]
     if t.handler:
         cmd += ["--handler", t.handler]

@@ -186,3 +186,15 @@ def test_follow_up_enqueue_commits_with_the_job_or_not_at_all(db, worker_env):
     assert follow_ups == [(str(ok),)]
     assert q.get_job(db, ok)["result"]["follow_up"] > bad
     assert q.get_job(db, bad)["error_code"] == "unexpected_error"
+
+
+def test_follow_up_jobs_get_their_own_types_max_attempts(db, worker_env):
+    job_id = q.enqueue(db, q.NewJob("chain", {}))
+    p = start_worker(worker_env, "chain", "--handler", "tests.handlers:chain",
+                     "--max-attempts", "2", "--attempts-by-type", '{"noop": 9}')
+    try:
+        wait_for(lambda: q.get_job(db, job_id)["status"] == "completed", what="chain done")
+    finally:
+        stop(p)
+    follow = q.get_job(db, q.get_job(db, job_id)["result"]["follow_up"])
+    assert follow["max_attempts"] == 9

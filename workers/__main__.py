@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="hard timeout per job (s)")
     p.add_argument("--grace", type=float, default=30.0, help="drain grace on SIGTERM (s)")
     p.add_argument("--max-attempts", type=int, default=5,
-                   help="attempts for jobs this worker enqueues of its own type")
+                   help="attempts for jobs this worker enqueues (default for any type)")
+    p.add_argument("--attempts-by-type", default="{}",
+                   help="JSON object: max attempts of follow-up jobs per type")
     p.add_argument("--backoff", type=float, default=5.0, help="first retry delay (s)")
     p.add_argument("--max-backoff", type=float, default=600.0, help="retry delay cap (s)")
     p.add_argument("--global-concurrency", type=int, help="cap on leased jobs on all hosts")
@@ -60,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"({args.lease:g}s)")
     try:
         options = json.loads(args.options)
-        if not isinstance(options, dict):
+        attempts = json.loads(args.attempts_by_type)
+        if not isinstance(options, dict) or not isinstance(attempts, dict):
             raise ValueError("not an object")
     except ValueError as exc:
-        return _fail(f"--options must be a JSON object: {exc}")
+        return _fail(f"--options and --attempts-by-type must be JSON objects: {exc}")
     dsn = dsn_from_env()
     if not dsn:
         return _fail("no database: set LEARNING_DATABASE_URL or DATABASE_URL "
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout, grace=args.grace, max_attempts=args.max_attempts,
         backoff=args.backoff, max_backoff=args.max_backoff,
         global_concurrency=args.global_concurrency, options=options,
+        attempts_by_type={str(k): int(v) for k, v in attempts.items()},
     )
     if args.worker_id:
         settings.worker_id = args.worker_id

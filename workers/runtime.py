@@ -52,6 +52,8 @@ class WorkerSettings:
     max_backoff: float = 600.0
     global_concurrency: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # Follow-up jobs get their own type's max attempts (pdf → vision → feedback).
+    attempts_by_type: dict[str, int] = field(default_factory=dict)
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 
@@ -211,11 +213,14 @@ class Runtime:
             job = Job(lj.id, lj.job_type, lj.payload, lj.attempt, lj.max_attempts,
                       lj.priority, lj.batch_id)
             ctx = JobContext(job, lj.lease_key, self.s.options, self.pool,
-                             lambda _t: self.s.max_attempts)
+                             self._max_attempts_for)
             run = _Running(lj, ctx)
             self.held[lj.id] = run
             self.todo.put(run)
         return jobs
+
+    def _max_attempts_for(self, job_type: str) -> int:
+        return self.s.attempts_by_type.get(job_type, self.s.max_attempts)
 
     def _flush_acks(self) -> None:
         with self.acks_lock:
