@@ -1,0 +1,591 @@
+"""The learning pipeline (pdf → vision → feedback) with real worker processes and a fake Ollama.
+
+Model calls are counted at the fake, per model: `VISION` and `FEEDBACK` are the two
+model names the workers are configured with. Backoffs that a test needs to observe
+are long (30 s) and ended by the test itself (`_release_backoff`), so nothing here
+depends on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pymupdf
+import pytest
+from psycopg.types.json import Jsonb
+
+from tests.fakes.ollama import FakeOllama
+from tests.helpers import counts, start_worker, stop, wait_for
+from workers import queue as q
+from workers.pdf_render import render_pdf
+from workers.storage import DerivedPaths, LocalStorage
+
+VISION = "vision-test:latest"
+FEEDBACK = "feedback-test:latest"
+CRITERIA = ["Struktur und Gliederung", "Argumentation"]
+# Stands for the student's text: it must never show up in a worker's log.
+MARKER = "Geheimnisvolle Kastanienallee"
+FAST = ("--poll", "0.2", "--backoff", "0.1", "--max-backoff", "0.5")
+SLOW_RETRY = ("--poll", "0.2", "--backoff", "30", "--max-backoff", "60")
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- fixtures and builders ------------------------------------------------------------
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOllama]:
+    with FakeOllama(slots=4) as server:
+        yield server
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "storage")
+
+
+@pytest.fixture
+def env(worker_env: dict[str, str], storage: LocalStorage, fake: FakeOllama) -> dict[str, str]:
+    """Stub AI by default; tests switch stages to the fake Ollama with `_ollama(env)`."""
+    out = {k: v for k, v in worker_env.items() if not k.startswith(("AI_", "OLLAMA_"))}
+    return out | {"STORAGE_DIR": str(storage.root), "AI_BACKEND": "stub",
+                  "OLLAMA_BASE_URL": fake.base_url, "AI_VISION_MODEL": VISION,
+                  "AI_FEEDBACK_MODEL": FEEDBACK, "AI_READ_TIMEOUT": "60"}
+
+
+def _ollama(env: dict[str, str], vision: str = "ollama", feedback: str = "ollama"
+            ) -> dict[str, str]:
+    return env | {"AI_BACKEND": "local", "AI_VISION_BACKEND": vision,
+                  "AI_FEEDBACK_BACKEND": feedback}
+
+
+class Workers:
+    """Worker processes of one test: all stopped at teardown, each must exit 0."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, env: dict[str, str], job_type: str, *args: str) -> subprocess.Popen:
+        log = self.tmp_path / f"{job_type}-{len(self.procs)}.log"
+        proc = start_worker(env, job_type, *args, log=log)
+        self.procs.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.tmp_path.glob("*.log"))
+
+    def stop_all(self) -> list[int]:
+        codes = [stop(p) for p in self.procs]
+        self.procs = []
+        return codes
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    w = Workers(tmp_path)
+    try:
+        yield w
+    finally:
+        assert all(code == 0 for code in w.stop_all())
+
+
+def make_pdf(*pages: str) -> bytes:
+    doc = pymupdf.open()
+    for text in pages:
+        doc.new_page().insert_text((72, 72), text, fontsize=12)
+    return doc.tobytes()
+
+
+def add_submission(db: psycopg.Connection, storage: LocalStorage, data: bytes, *,
+                   mime: str = "application/pdf", owner: str = "alice",
+                   status: str = "pending", text: str | None = None) -> str:
+    sid = str(uuid.uuid4())
+    key = f"submissions/{sid}/source"
+    storage.write(key, data)
+    db.execute(
+        "INSERT INTO learning_submissions (id, owner_sub, source_key, mime_type, criteria,"
+        " analysis_status, text_body) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (sid, owner, key, mime, Jsonb(CRITERIA), status, text))
+    return sid
+
+
+def enqueue_pdf(db: psycopg.Connection, sid: str, owner: str = "alice") -> int:
+    return q.enqueue(db, q.NewJob("pdf", {"submission_id": sid, "owner_sub": owner},
+                                  key=f"pdf:{sid}", max_attempts=3))
+
+
+def enqueue_vision(db: psycopg.Connection, storage: LocalStorage, sid: str, data: bytes, *,
+                   owner: str = "alice", max_attempts: int = 5) -> int:
+    """The vision job the pdf stage would enqueue for `data`."""
+    render = render_pdf(data, storage)
+    payload = {"submission_id": sid, "owner_sub": owner, "page_keys": render.page_keys,
+               "stitched_key": render.stitched_key, "content_hash": render.content_hash,
+               "text_layer_key": DerivedPaths(render.content_hash).text_layer}
+    return q.enqueue(db, q.NewJob("vision", payload, key=f"vision:{sid}",
+                                  max_attempts=max_attempts))
+
+
+def enqueue_feedback(db: psycopg.Connection, sid: str, *, owner: str = "alice",
+                     max_attempts: int = 5) -> int:
+    return q.enqueue(db, q.NewJob("feedback", {"submission_id": sid, "owner_sub": owner},
+                                  key=f"feedback:{sid}", max_attempts=max_attempts))
+
+
+def submission(db: psycopg.Connection, sid: str) -> dict[str, Any]:
+    with db.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return cur.execute("SELECT * FROM learning_submissions WHERE id = %s", (sid,)).fetchone()
+
+
+def status_of(db: psycopg.Connection, sid: str) -> tuple[str, str | None]:
+    row = submission(db, sid)
+    return row["analysis_status"], row["error_code"]
+
+
+def job_by_key(db: psycopg.Connection, key: str) -> dict[str, Any] | None:
+    row = db.execute("SELECT id FROM jobvisor.jobs WHERE idempotency_key = %s ORDER BY id DESC"
+                     " LIMIT 1", (key,)).fetchone()
+    return q.get_job(db, row[0]) if row else None
+
+
+def _release_backoff(db: psycopg.Connection, job_id: int, job_type: str) -> None:
+    """End a retry's backoff now and wake the workers (the test observed the wait)."""
+    db.execute("UPDATE jobvisor.jobs SET visible_at = now() WHERE id = %s AND status = 'queued'",
+               (job_id,))
+    db.execute("SELECT pg_notify('jobvisor_jobs', %s)", (job_type,))
+
+
+def _finished(db: psycopg.Connection, sid: str) -> bool:
+    return status_of(db, sid)[0] in ("completed", "failed")
+
+
+# --- the happy path ----------------------------------------------------------------------
+
+
+def test_submission_goes_pending_extracted_completed_and_no_worker_logs_its_text(
+        db, env, storage, workers):
+    sid = add_submission(db, storage, make_pdf(f"Mein Aufsatz über die {MARKER}.",
+                                               "Zweite Seite mit Argumenten."))
+    pdf_job = enqueue_pdf(db, sid)
+    assert status_of(db, sid) == ("pending", None)
+    # Without a feedback worker the submission stops where vision leaves it.
+    workers.start(env, "pdf", *FAST)
+    workers.start(env, "vision", *FAST)
+    wait_for(lambda: status_of(db, sid)[0] == "extracted", what="extracted")
+    row = submission(db, sid)
+    assert MARKER in row["text_body"] and row["extracted_at"] is not None
+    assert row["feedback_md"] is None and row["finished_at"] is None
+
+    pdf_result = q.get_job(db, pdf_job)["result"]
+    assert pdf_result["pages"] == 2
+    vision_job = q.get_job(db, pdf_result["vision_job"])
+    assert vision_job["idempotency_key"] == f"vision:{sid}"
+    assert len(vision_job["payload"]["page_keys"]) == 2
+    assert MARKER not in json.dumps(vision_job["payload"])  # text stays out of the queue
+    feedback_job = job_by_key(db, f"feedback:{sid}")
+    assert feedback_job["status"] == "queued"
+
+    workers.start(env, "feedback", *FAST)
+    wait_for(lambda: _finished(db, sid), what="completed")
+    row = submission(db, sid)
+    assert (row["analysis_status"], row["error_code"]) == ("completed", None)
+    assert row["feedback_md"].strip() and row["finished_at"] is not None
+    analysis = row["analysis_json"]
+    assert analysis["schema"] == "criteria.v2"
+    assert [c["criterion"] for c in analysis["criteria"]] == CRITERIA
+    assert workers.stop_all() == [0, 0, 0]
+    logs = workers.logs()
+    assert "submission_rendered" in logs and "feedback_written" in logs
+    assert MARKER not in logs
+
+
+def test_photo_submission_is_read_by_the_vision_model(db, env, storage, fake, workers):
+    pix = pymupdf.Pixmap(pymupdf.csRGB, pymupdf.IRect(0, 0, 64, 48), False)
+    pix.clear_with(200)
+    sid = add_submission(db, storage, pix.tobytes("png"), mime="image/png")
+    enqueue_pdf(db, sid)
+    env = _ollama(env, feedback="stub")
+    for job_type in ("pdf", "vision", "feedback"):
+        workers.start(env, job_type, *FAST)
+    wait_for(lambda: _finished(db, sid), what="photo submission finished")
+    row = submission(db, sid)
+    assert row["analysis_status"] == "completed"
+    assert row["text_body"].startswith("OCR:")  # the fake's answer for an image
+    assert fake.calls("/api/chat", VISION) == 1
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+def test_three_queued_vision_jobs_with_concurrency_two_run_two_at_once(
+        db, env, storage, fake, workers):
+    gate = threading.Event()
+
+    def hold(_request: Any) -> None:  # every model call waits until the test lets go
+        gate.wait(60)
+
+    fake.responder = hold
+    sids = []
+    for i in range(3):
+        data = make_pdf(f"Aufsatz {i}")
+        sids.append(add_submission(db, storage, data))
+        enqueue_vision(db, storage, sids[-1], data)
+    workers.start(_ollama(env), "vision", "--concurrency", "2", *FAST)
+    try:
+        wait_for(lambda: fake.stats()["in_flight"] == 2, what="two model calls in flight")
+        assert counts(db, "vision") == {"leased": 2, "queued": 1}
+    finally:
+        gate.set()
+    wait_for(lambda: all(status_of(db, s)[0] == "extracted" for s in sids),
+             what="all three extracted")
+    stats = fake.stats()
+    assert stats["models"][VISION]["max_concurrent"] == 2
+    assert stats["in_flight"] == 0 and fake.calls("/api/chat", VISION) == 3
+    assert counts(db, "vision") == {"completed": 3}
+
+
+def test_transient_vision_error_backs_off_only_its_job_while_the_other_commits(
+        db, env, storage, fake, workers):
+    a = add_submission(db, storage, make_pdf("Erster Aufsatz"))
+    b = add_submission(db, storage, make_pdf("Zweiter Aufsatz"))
+    jobs = {a: enqueue_vision(db, storage, a, make_pdf("Erster Aufsatz")),
+            b: enqueue_vision(db, storage, b, make_pdf("Zweiter Aufsatz"))}
+    fake.inject("503", count=1, model=VISION)
+    workers.start(_ollama(env), "vision", "--concurrency", "2", *SLOW_RETRY)
+
+    def one_extracted_one_retrying() -> tuple[str, str] | None:
+        states = {s: status_of(db, s) for s in (a, b)}
+        done = [s for s, st in states.items() if st == ("extracted", None)]
+        waiting = [s for s, st in states.items() if st == ("pending", "vision_retrying")]
+        return (done[0], waiting[0]) if len(done) == 1 and len(waiting) == 1 else None
+
+    done, waiting = wait_for(one_extracted_one_retrying, what="one extracted, one retrying")
+    job = q.get_job(db, jobs[waiting])
+    assert (job["status"], job["attempts"], job["error_code"]) == ("queued", 1, "vision_retrying")
+    assert q.get_job(db, jobs[done])["status"] == "completed"
+
+    _release_backoff(db, jobs[waiting], "vision")
+    wait_for(lambda: status_of(db, waiting) == ("extracted", None), what="retry succeeding")
+    assert q.get_job(db, jobs[waiting])["attempts"] == 2
+    assert fake.calls("/api/chat", VISION) == 3
+
+
+# --- OCR reuse ---------------------------------------------------------------------------
+
+
+def test_extracted_submission_with_text_is_not_read_again(db, env, storage, fake, workers):
+    sid = add_submission(db, storage, make_pdf("egal"), status="extracted",
+                         text="Schon erkannter Text über Bäume.")
+    vision_job = enqueue_vision(db, storage, sid, make_pdf("egal"))
+    env = _ollama(env)
+    workers.start(env, "vision", *FAST)
+    workers.start(env, "feedback", *FAST)
+    wait_for(lambda: _finished(db, sid), what="submission finished")
+    row = submission(db, sid)
+    assert row["analysis_status"] == "completed"
+    assert row["text_body"] == "Schon erkannter Text über Bäume."
+    assert fake.calls("/api/chat", VISION) == 0
+    assert fake.calls("/api/chat", FEEDBACK) == 1
+    assert q.get_job(db, vision_job)["result"]["reused_text"] is True
+
+
+def test_extracted_submission_without_text_is_read_and_its_text_stored(
+        db, env, storage, fake, workers):
+    sid = add_submission(db, storage, make_pdf("egal"), status="extracted", text=None)
+    vision_job = enqueue_vision(db, storage, sid, make_pdf("egal"))
+    workers.start(_ollama(env), "vision", *FAST)
+    wait_for(lambda: q.get_job(db, vision_job)["status"] == "completed", what="vision done")
+    row = submission(db, sid)
+    assert row["analysis_status"] == "extracted" and row["text_body"].startswith("OCR:")
+    assert fake.calls("/api/chat", VISION) == 1
+    assert job_by_key(db, f"feedback:{sid}")["status"] == "queued"
+
+
+def test_feedback_failing_twice_then_succeeding_makes_exactly_one_vision_call(
+        db, env, storage, fake, workers):
+    sid = add_submission(db, storage, make_pdf("Text"))
+    enqueue_vision(db, storage, sid, make_pdf("Text"))
+    fake.inject("503", count=2, model=FEEDBACK)
+    env = _ollama(env)
+    workers.start(env, "vision", *FAST)
+    workers.start(env, "feedback", *SLOW_RETRY)
+    for attempt in (1, 2):
+        job = wait_for(lambda a=attempt: (j := job_by_key(db, f"feedback:{sid}"))
+                       and j["status"] == "queued" and j["attempts"] == a and j,
+                       what=f"feedback attempt {attempt} failing")
+        assert job["error_code"] == "feedback_retrying"
+        # The text stays; only the failed step waits to run again.
+        assert status_of(db, sid) == ("extracted", "feedback_retrying")
+        _release_backoff(db, job["id"], "feedback")
+    wait_for(lambda: _finished(db, sid), what="submission finished")
+    assert status_of(db, sid) == ("completed", None)
+    assert job_by_key(db, f"feedback:{sid}")["attempts"] == 3
+    assert fake.calls("/api/chat", VISION) == 1
+    assert fake.calls("/api/chat", FEEDBACK) == 3
+
+
+def test_dspy_failure_falls_back_to_the_direct_call_and_completes(
+        db, env, storage, fake, workers):
+    sid = add_submission(db, storage, make_pdf("x"), status="extracted",
+                         text="Ein Text, der Feedback braucht.")
+    job = enqueue_feedback(db, sid)
+    fake.inject("500", count=5, endpoint="/v1/chat/completions")
+    workers.start(_ollama(env, feedback="dspy"), "feedback", *FAST)
+    wait_for(lambda: _finished(db, sid), timeout=120, what="submission finished")
+    assert status_of(db, sid) == ("completed", None)
+    result = q.get_job(db, job)["result"]
+    assert result["backend"] == "ollama" and result["schema"] == "criteria.v2"
+    assert fake.calls("/v1/chat/completions") >= 1
+    assert fake.calls("/api/chat", FEEDBACK) == 1
+    assert '"feedback_dspy_failed"' in workers.logs()
+
+
+# --- failures ----------------------------------------------------------------------------
+
+
+def _encrypted_pdf() -> bytes:
+    doc = pymupdf.open()
+    doc.new_page().insert_text((72, 72), MARKER)
+    return doc.tobytes(encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="u", owner_pw="o")
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(b"%PDF-1.7\n" + b"\x00garbage" * 50, id="corrupt"),
+    pytest.param(_encrypted_pdf(), id="encrypted"),
+    pytest.param(make_pdf("x")[:200], id="truncated"),
+])
+def test_unreadable_pdf_fails_the_submission_with_pdf_invalid(db, env, storage, workers, data):
+    sid = add_submission(db, storage, data)
+    job = enqueue_pdf(db, sid)
+    workers.start(env, "pdf", *FAST)
+    wait_for(lambda: _finished(db, sid), what="submission failed")
+    assert status_of(db, sid) == ("failed", "pdf_invalid")
+    row = q.get_job(db, job)
+    assert (row["status"], row["error_code"], row["attempts"]) == ("failed", "pdf_invalid", 1)
+    assert job_by_key(db, f"vision:{sid}") is None
+    assert MARKER not in workers.logs()
+
+
+def test_missing_source_fails_the_submission_with_pdf_source_missing(db, env, storage, workers):
+    sid = add_submission(db, storage, make_pdf("x"))
+    storage.delete_prefix(f"submissions/{sid}/")
+    enqueue_pdf(db, sid)
+    workers.start(env, "pdf", *FAST)
+    wait_for(lambda: _finished(db, sid), what="submission failed")
+    assert status_of(db, sid) == ("failed", "pdf_source_missing")
+
+
+@pytest.mark.parametrize(("fault", "count", "max_attempts", "attempts"), [
+    pytest.param("404", 1, 3, 1, id="permanent"),
+    pytest.param("503", 2, 2, 2, id="retries-exhausted"),
+])
+def test_vision_failure_fails_the_submission_with_vision_failed(
+        db, env, storage, fake, workers, fault, count, max_attempts, attempts):
+    sid = add_submission(db, storage, make_pdf("x"))
+    job = enqueue_vision(db, storage, sid, make_pdf("x"), max_attempts=max_attempts)
+    fake.inject(fault, count=count, model=VISION)
+    workers.start(_ollama(env), "vision", *FAST)
+    wait_for(lambda: _finished(db, sid), what="submission failed")
+    assert status_of(db, sid) == ("failed", "vision_failed")
+    row = q.get_job(db, job)
+    assert (row["status"], row["attempts"]) == ("failed", attempts)
+    assert job_by_key(db, f"feedback:{sid}") is None
+
+
+@pytest.mark.parametrize(("fault", "count", "max_attempts"), [
+    pytest.param("400", 1, 3, id="permanent"),
+    pytest.param("503", 2, 2, id="retries-exhausted"),
+])
+def test_feedback_failure_fails_the_submission_and_an_operator_retry_completes_it(
+        db, env, storage, fake, workers, fault, count, max_attempts):
+    sid = add_submission(db, storage, make_pdf("Text"))
+    enqueue_vision(db, storage, sid, make_pdf("Text"))
+    fake.inject(fault, count=count, model=FEEDBACK)
+    env = _ollama(env)
+    workers.start(env, "vision", *FAST, "--max-attempts", str(max_attempts))
+    workers.start(env, "feedback", *FAST)
+    wait_for(lambda: _finished(db, sid), what="submission failed")
+    assert status_of(db, sid) == ("failed", "feedback_failed")
+    row = submission(db, sid)
+    assert row["text_body"] and row["feedback_md"] is None
+
+    # `jobvisor jobs retry`: the submission reopens where the failed stage starts.
+    assert q.retry_failed(db, job_by_key(db, f"feedback:{sid}")["id"])
+    assert status_of(db, sid) == ("extracted", None)
+    wait_for(lambda: _finished(db, sid), what="submission completed after retry")
+    assert status_of(db, sid) == ("completed", None)
+    assert fake.calls("/api/chat", VISION) == 1
+
+
+# --- how job outcomes reach the submission (the trigger, no workers) ----------------------
+
+
+def _lease(db: psycopg.Connection, job_type: str) -> q.LeasedJob:
+    (job,) = q.lease(db, job_type, 1, worker_id="test", lease_seconds=30)
+    return job
+
+
+def test_retries_mark_the_stage_retrying_and_only_the_final_failure_fails(db, storage):
+    sid = add_submission(db, storage, b"x", status="extracted", text="T")
+    enqueue_feedback(db, sid, max_attempts=2)
+    job = _lease(db, "feedback")
+    assert q.retry(db, job.id, job.lease_key, code="unexpected_error", message="x",
+                   delay=0) == "queued"
+    assert status_of(db, sid) == ("extracted", "feedback_retrying")
+    job = _lease(db, "feedback")
+    assert q.retry(db, job.id, job.lease_key, code="feedback_retrying", message="x",
+                   delay=0) == "failed"
+    assert status_of(db, sid) == ("failed", "feedback_failed")
+
+
+def test_a_lost_lease_changes_neither_job_nor_submission(db, storage):
+    sid = add_submission(db, storage, b"x")
+    enqueue_vision(db, storage, sid, make_pdf("x"))
+    job = _lease(db, "vision")
+    assert q.fail(db, job.id, uuid.uuid4(), code="vision_failed", message="x") is False
+    assert status_of(db, sid) == ("pending", None)
+
+
+def test_pdf_retries_are_not_mirrored_but_its_final_failure_is(db, storage):
+    sid = add_submission(db, storage, b"x")
+    enqueue_pdf(db, sid)
+    job = _lease(db, "pdf")
+    q.retry(db, job.id, job.lease_key, code="unexpected_error", message="x", delay=0)
+    assert status_of(db, sid) == ("pending", None)
+    job = _lease(db, "pdf")
+    q.fail(db, job.id, job.lease_key, code="image_invalid", message="x")
+    assert status_of(db, sid) == ("failed", "image_invalid")
+
+
+def test_cancelling_a_stage_fails_the_submission(db, storage):
+    sid = add_submission(db, storage, b"x")
+    job_id = enqueue_vision(db, storage, sid, make_pdf("x"))
+    assert q.cancel(db, job_id) == "cancelled"
+    assert status_of(db, sid) == ("failed", "vision_cancelled")
+
+
+def test_rescue_of_a_dead_workers_jobs_survives_a_malformed_payload(db, storage):
+    sid = add_submission(db, storage, b"x")
+    enqueue_vision(db, storage, sid, make_pdf("x"), max_attempts=1)
+    q.enqueue(db, q.NewJob("vision", {"submission_id": "not-a-uuid", "owner_sub": "x"},
+                           max_attempts=1))
+    q.lease(db, "vision", 2, worker_id="dead", lease_seconds=30)
+    rescued = q.rescue(db, leased_by="dead")
+    assert sorted(status for _, _, status in rescued) == ["failed", "failed"]
+    assert status_of(db, sid) == ("failed", "vision_failed")
+
+
+def test_a_job_for_another_owner_cannot_touch_the_submission(db, storage):
+    sid = add_submission(db, storage, b"x", owner="alice")
+    q.enqueue(db, q.NewJob("vision", {"submission_id": sid, "owner_sub": "mallory"}))
+    job = _lease(db, "vision")
+    q.fail(db, job.id, job.lease_key, code="vision_failed", message="x")
+    assert status_of(db, sid) == ("pending", None)
+
+
+# --- standalone pdf jobs --------------------------------------------------------------------
+
+
+def test_standalone_pdf_job_returns_page_text_and_hands_back_caller_fields(
+        db, env, storage, workers):
+    storage.write("inbox/doc.pdf", make_pdf("Seite eins", "Seite zwei"))
+    by_key = q.enqueue(db, q.NewJob("pdf", {
+        "file": "inbox/doc.pdf", "extraction_method": "text", "include_images": True,
+        "template": "summary-v1", "context": {"course": 7}}))
+    by_path = q.enqueue(db, q.NewJob("pdf", {"file_path": str(storage.root / "inbox/doc.pdf")}))
+    outside = q.enqueue(db, q.NewJob("pdf", {"file": "/etc/passwd"}))
+    workers.start(env, "pdf", *FAST)
+    wait_for(lambda: counts(db, "pdf").get("queued", 0) + counts(db, "pdf").get("leased", 0)
+             == 0, what="pdf jobs finished")
+    result = q.get_job(db, by_key)["result"]
+    assert [p["text"].strip() for p in result["pages"]] == ["Seite eins", "Seite zwei"]
+    assert len(result["image_keys"]) == 2 and all(storage.exists(k) for k in result["image_keys"])
+    assert (result["template"], result["context"]) == ("summary-v1", {"course": 7})
+    assert result["extraction_method"] == "text" and result["include_images"] is True
+    assert q.get_job(db, by_path)["result"]["page_count"] == 2
+    row = q.get_job(db, outside)
+    assert (row["status"], row["error_code"]) == ("failed", "invalid_payload")
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+# Runs `jobvisor` with the learning commands registered even before cli.py wires them in.
+_LAUNCH = """
+import argparse, sys
+from supervisor_app import cli, cli_learning
+build = cli.build_parser
+
+def build_with_learning():
+    parser = build()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "submit" not in sub.choices:
+        def add(name, func, help, parent=sub):
+            sp = parent.add_parser(name, help=help, description=help)
+            sp.set_defaults(func=func)
+            return sp
+        cli_learning.register(sub, add)
+    return parser
+
+cli.build_parser = build_with_learning
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def jobvisor(env: dict[str, str], *args: str, timeout: float = 180
+             ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _LAUNCH, *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_submit_wait_takes_a_real_pdf_to_completed_with_the_stub_backend(
+        db, env, tmp_path, workers):
+    pdf = tmp_path / "aufsatz.pdf"
+    pdf.write_bytes(make_pdf("Die Struktur meines Aufsatzes ist klar.", "Argumentation folgt."))
+    criteria = tmp_path / "criteria.json"
+    criteria.write_text(json.dumps(CRITERIA))
+    for job_type in ("pdf", "vision", "feedback"):
+        workers.start(env, job_type, *FAST)
+    proc = jobvisor(env, "submit", str(pdf), "--owner", "alice", "--criteria", str(criteria),
+                    "--wait", "--timeout", "120s")
+    assert proc.returncode == 0, proc.stderr
+    sid, _, feedback = proc.stdout.partition("\n")
+    row = submission(db, sid.strip())
+    assert row["analysis_status"] == "completed" and row["owner_sub"] == "alice"
+    assert row["criteria"] == CRITERIA and row["mime_type"] == "application/pdf"
+    assert feedback.strip() == row["feedback_md"].strip()
+    stages = [line.rsplit(": ", 1)[1] for line in proc.stderr.splitlines()
+              if line.startswith(f"submission {row['id']}: ")]
+    assert stages == ["pending", "extracted", "completed"]
+
+    shown = jobvisor(env, "submissions", "show", str(row["id"]), "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["analysis_status"] == "completed"
+
+
+def test_cli_submit_wait_exits_1_naming_the_error_code_when_the_submission_fails(
+        db, env, tmp_path, workers):
+    bad = tmp_path / "kaputt.pdf"
+    bad.write_bytes(b"%PDF-1.7\n" + b"\x00garbage" * 50)
+    workers.start(env, "pdf", *FAST)
+    proc = jobvisor(env, "submit", str(bad), "--wait", "--timeout", "120s")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].endswith("failed: pdf_invalid")
+
+
+def test_cli_submit_refuses_what_is_not_a_pdf_or_photo_and_times_out_with_1(env, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("just text")
+    proc = jobvisor(env, "submit", str(text))
+    assert proc.returncode == 2 and "not a PDF, PNG or JPEG" in proc.stderr
+    pdf = tmp_path / "a.pdf"
+    pdf.write_bytes(make_pdf("x"))
+    proc = jobvisor(env, "submit", str(pdf), "--wait", "--timeout", "1s")  # no workers
+    assert proc.returncode == 1 and "still pending after 1s" in proc.stderr
