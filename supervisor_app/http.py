@@ -94,7 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(401, {"error": "missing or invalid bearer token"},
                        {**private, "WWW-Authenticate": "Bearer"})
             return
-        role, db_checks = probe_database(self.server.sup.dsn)
+        role, db_checks = probe_database(self.server.sup.worker_dsn)
         checks = db_checks + self.server.sup.health_checks()
         ok = all(c["ok"] for c in checks)
         self._json(200 if ok else 503, {"status": "healthy" if ok else "degraded",

@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     only = set(args.types.split(",")) if args.types else None
     if only and (missing := only - set(cfg.types)):
         raise BadInput(f"--types: not configured in {path}: {', '.join(sorted(missing))}")
-    from_env = dsn_from_env()
+    # The supervisor migrates and prunes, so it prefers the app DSN; children pick
+    # LEARNING_DATABASE_URL (the least-privilege worker role) first when it is set.
+    from_env = os.environ.get("DATABASE_URL", "").strip() or dsn_from_env()
     dsn = from_env or embedded.start()
     database.check(dsn)
     applied = migrate(dsn)

@@ -41,6 +41,8 @@ def sql_dir() -> Path:
 
 def discover(directory: Path | None = None) -> list[Migration]:
     directory = directory or sql_dir()
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: no migrations directory (set JOBVISOR_SQL_DIR)")
     found = []
     for path in sorted(directory.glob("*.sql")):
         m = _NAME.match(path.name)

@@ -45,6 +45,9 @@ class Supervisor:
         self.cfg_path = cfg_path
         self.dsn = dsn
         self.env = env
+        # What children connect with (LEARNING_DATABASE_URL wins): the operator health
+        # probe runs as this role, so it reports what the workers really can do.
+        self.worker_dsn = env.get("LEARNING_DATABASE_URL") or env.get("DATABASE_URL") or dsn
         self.only_types = only_types
         self.slots: dict[str, list[Slot]] = {}
         self.planner = Planner(cfg.supervisor.reserve.memory, cfg.supervisor.reserve.gpu_memory)
