@@ -639,6 +639,9 @@ class _ClientError(Exception):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Ollama (Go's net/http) answers on TCP_NODELAY sockets; without it every answer
+    # waits ~40 ms on the client's delayed ACK, outside the model slot.
+    disable_nagle_algorithm = True
     server: _Server
     server_version = "FakeOllama/" + VERSION
 
