@@ -4,6 +4,7 @@ unreachable database (with one line on stderr naming the problem)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import re
@@ -114,16 +115,28 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise BadInput("--key applies to one job; use --payload with --key")
     settings = _known_types().get(args.job_type)
     max_attempts = args.max_attempts or (settings.retry.max_attempts if settings else 5)
+    from supervisor_app.cli_batches import check_callback_url
+
+    callback = check_callback_url(args.callback_url)  # a refused host: exit 2, nothing sent
 
     def new(payload: Any) -> queue.NewJob:
         return queue.NewJob(args.job_type, payload, priority=args.priority, delay=args.delay,
-                            max_attempts=max_attempts, key=args.key, batch_id=args.batch)
+                            max_attempts=max_attempts, key=args.key, batch_id=args.batch,
+                            callback_url=None if args.batch is not None else callback)
 
     payloads: Iterator[Any] = (
         iter([_json_payload(args.payload, "--payload")]) if args.payload is not None
         else _payloads_from_file(Path(args.file))
     )
-    with _connect(args) as conn:
+    # A batch is filled in one transaction: it must not finish (and fire its webhook)
+    # between two chunks.
+    batch = args.batch is not None
+    with _connect(args) as conn, (conn.transaction() if batch else contextlib.nullcontext()):
+        if batch:
+            try:
+                queue.create_batch(conn, args.batch, callback_url=callback)
+            except ValueError as exc:
+                raise BadInput(f"--batch: {exc}") from None
         chunk: list[queue.NewJob] = []
         for payload in payloads:
             chunk.append(new(payload))
@@ -143,6 +156,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _connect(args) as conn:
         queues = queue.status_counts(conn)
         workers, plan, readings = _supervisor_view(conn)
+        # Text only: the --json shape is a documented contract (DESIGN.md).
+        running = [] if args.json else queue.running_jobs(conn, limit=20)
     out = {"queues": queues, "workers": workers, "plan": plan}
     if args.json:
         print(json.dumps(out, sort_keys=True))
@@ -163,6 +178,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for w in workers:
         print(f"  {w['job_type']}[{w['slot']}] pid={w['pid']} {w['state']} "
               f"rss={w['rss_bytes'] // 2**20}MiB")
+    if running:
+        print("\nrunning (longest first):")
+    for r in running:
+        done = "" if r["progress"] is None else f" {r['progress']:.0%}"
+        print(f"  job {r['id']} {r['job_type']}{done} attempt {r['attempts']}/"
+              f"{r['max_attempts']} since {r['started_at']}")
     return EXIT_OK
 
 
@@ -278,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--key", help="idempotency key: a live job with it is returned instead")
     sp.add_argument("--max-attempts", type=int, help="attempts before failing (default: type's)")
     sp.add_argument("--batch", help="batch id for all jobs")
+    sp.add_argument("--callback-url", metavar="URL",
+                    help="POST a signed notification here when the job finishes (with "
+                         "--batch: once, when the whole batch has); see docs/webhooks.md")
 
     sp = add("status", cmd_status, "queue counts per type, plus workers and plan of a "
              "running supervisor")
@@ -306,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Command groups that live in modules of their own (the pipeline, backups).
-_PLUGGED_COMMANDS = ("supervisor_app.cli_learning", "supervisor_app.cli_backup")
+_PLUGGED_COMMANDS = ("supervisor_app.cli_learning", "supervisor_app.cli_backup",
+                     "supervisor_app.cli_batches")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     except HandlerError as exc:
         raise BadInput(f"{path}: {exc}") from exc
     server = serve(sup, cfg.supervisor.http.host, cfg.supervisor.http.port)
+    from supervisor_app import dashboard
+
+    dashboard.start_sampler(sup)  # jobs/min history from the start, not the first view
     pf = pid_file()
     pf.parent.mkdir(parents=True, exist_ok=True)
     pf.write_text(f"{os.getpid()}\n")

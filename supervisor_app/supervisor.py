@@ -395,6 +395,8 @@ class Supervisor:
         r = self.cfg.queue.retention
         removed = queue.prune(self._db(), {"completed": r.completed, "failed": r.failed,
                                            "cancelled": r.cancelled})
+        # Batch rows outlive their jobs, then go too.
+        queue.prune_batches(self._db(), max(r.completed, r.failed, r.cancelled))
         if removed:
             log.info("jobs_pruned", extra={"count": removed})
 

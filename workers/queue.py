@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from workers import webhooks
 from workers.errors import MAX_MESSAGE
 
 STATUSES = ("queued", "leased", "completed", "failed", "cancelled")
@@ -37,6 +38,9 @@ class NewJob:
     key: str | None = None
     sticky_key: bool = False
     batch_id: str | None = None
+    # POSTed a signed notification when the job finishes (docs/webhooks.md); checked
+    # against the allow-list at enqueue.
+    callback_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,13 @@ def _clip(message: str | None) -> str | None:
 
 _ENQUEUE = """
 INSERT INTO jobvisor.jobs AS j
-    (job_type, payload, priority, visible_at, max_attempts, idempotency_key, key_sticky, batch_id)
-SELECT t, p, pr, now() + make_interval(secs => d), m, k, s, b
+    (job_type, payload, priority, visible_at, max_attempts, idempotency_key, key_sticky, batch_id,
+     callback_url)
+SELECT t, p, pr, now() + make_interval(secs => d), m, k, s, b, c
 FROM unnest(%(types)s::text[], %(payloads)s::jsonb[], %(priorities)s::int[],
             %(delays)s::float8[], %(max_attempts)s::int[], %(keys)s::text[],
-            %(sticky)s::bool[], %(batches)s::text[])
-     WITH ORDINALITY AS n(t, p, pr, d, m, k, s, b, ord)
+            %(sticky)s::bool[], %(batches)s::text[], %(callbacks)s::text[])
+     WITH ORDINALITY AS n(t, p, pr, d, m, k, s, b, c, ord)
 ORDER BY ord
 ON CONFLICT (idempotency_key)
     WHERE idempotency_key IS NOT NULL AND (status IN ('queued', 'leased') OR key_sticky)
@@ -83,11 +88,18 @@ def enqueue_many(conn: psycopg.Connection, jobs: Sequence[NewJob]) -> list[int]:
     """Insert jobs in one round trip; returns ids in input order.
 
     A job whose idempotency key is already held by a live job (or a finished sticky
-    one) is not inserted: its position gets the existing job's id instead.
+    one) is not inserted: its position gets the existing job's id instead. A callback
+    URL outside the allow-list raises `webhooks.WebhookURLError` before anything is sent.
     """
     if not jobs:
         return []
-    params = {
+    return _enqueue_rows(conn, jobs, _ENQUEUE, {})
+
+
+def _enqueue_rows(conn: psycopg.Connection, jobs: Sequence[NewJob], sql: str,
+                  extra: dict[str, Any]) -> list[int]:
+    _check_callbacks(j.callback_url for j in jobs)
+    params = extra | {
         "types": [j.job_type for j in jobs],
         "payloads": [Jsonb(j.payload) for j in jobs],
         "priorities": [j.priority for j in jobs],
@@ -96,8 +108,9 @@ def enqueue_many(conn: psycopg.Connection, jobs: Sequence[NewJob]) -> list[int]:
         "keys": [j.key for j in jobs],
         "sticky": [j.sticky_key for j in jobs],
         "batches": [j.batch_id for j in jobs],
+        "callbacks": [j.callback_url for j in jobs],
     }
-    rows = conn.execute(_ENQUEUE, params).fetchall()
+    rows = conn.execute(sql, params).fetchall()
     keyless = [r[0] for r in rows if r[1] is None]
     by_key = {r[1]: r[0] for r in rows if r[1] is not None}
     missing = [j.key for j in jobs if j.key is not None and j.key not in by_key]
@@ -512,6 +525,164 @@ def get_job(conn: psycopg.Connection, job_id: int) -> dict[str, Any] | None:
         return cur.execute(_GET, {"id": job_id}).fetchone()
 
 
+# --- batches -------------------------------------------------------------------------------
+# Totals and counts are kept by the triggers of sql/004_batches.sql, in the transaction
+# that inserts or finishes a job; nothing here writes a counter.
+
+MAX_BATCH_ID = 200
+
+_UPSERT_BATCH = """
+INSERT INTO jobvisor.batches AS x (id, callback_url)
+VALUES (%(batch_id)s, %(batch_callback)s)
+ON CONFLICT (id) DO UPDATE
+    SET callback_url = excluded.callback_url, updated_at = now()
+    WHERE excluded.callback_url IS NOT NULL
+"""
+
+# The batch row and its jobs in one statement: one round trip, and no moment at which
+# the batch exists without its jobs. (Totals are added by the INSERT trigger, which sees
+# this statement's batch row.)
+_ENQUEUE_IN_BATCH = f"WITH batch AS ({_UPSERT_BATCH} RETURNING x.id)\n{_ENQUEUE}"
+
+
+def _check_batch_id(batch_id: str) -> None:
+    if not isinstance(batch_id, str) or not batch_id.strip() or len(batch_id) > MAX_BATCH_ID \
+            or not batch_id.isprintable():
+        raise ValueError(f"batch id must be 1..{MAX_BATCH_ID} printable characters")
+
+
+def _check_callbacks(urls: Iterable[str | None]) -> None:
+    allowed: list[str] | None = None
+    for url in urls:
+        if url is not None:
+            if allowed is None:  # read the environment once per call, not once per job
+                allowed = webhooks.allowed_hosts()
+            webhooks.check_url(url, allowed)
+
+
+def create_batch(conn: psycopg.Connection, batch_id: str, *,
+                 callback_url: str | None = None) -> None:
+    """Create a batch (total 0), or set the callback of an existing one.
+
+    Jobs join it by carrying its id; a callback set after the batch finished never fires.
+    """
+    _check_batch_id(batch_id)
+    _check_callbacks([callback_url])
+    conn.execute(_UPSERT_BATCH, {"batch_id": batch_id, "batch_callback": callback_url})
+
+
+def enqueue_batch(conn: psycopg.Connection, batch_id: str, jobs: Sequence[NewJob], *,
+                  callback_url: str | None = None) -> list[int]:
+    """Enqueue jobs of any types as one batch, creating it, in one round trip.
+
+    Returns ids in input order (as `enqueue_many`). Enqueueing more into the same batch
+    later adds to its total; run every part in one transaction when the batch has a
+    callback, or it may fire between the parts.
+    """
+    _check_batch_id(batch_id)
+    _check_callbacks([callback_url])
+    if any(j.batch_id not in (None, batch_id) for j in jobs):
+        raise ValueError(f"enqueue_batch({batch_id!r}): a job names another batch")
+    if not jobs:
+        create_batch(conn, batch_id, callback_url=callback_url)
+        return []
+    jobs = [j if j.batch_id == batch_id else replace(j, batch_id=batch_id) for j in jobs]
+    return _enqueue_rows(conn, jobs, _ENQUEUE_IN_BATCH,
+                         {"batch_id": batch_id, "batch_callback": callback_url})
+
+
+_GET_BATCH = """
+SELECT b.id, b.total, b.completed, b.failed, b.cancelled, b.callback_url, b.created_at,
+       b.updated_at, b.finished_at,
+       coalesce(live.queued, 0) AS queued, coalesce(live.leased, 0) AS leased,
+       coalesce(live.running_progress, 0)::float8 AS running_progress,
+       w.id AS webhook_job_id, w.status AS webhook_status, w.attempts AS webhook_attempts,
+       w.max_attempts AS webhook_max_attempts, w.error_code AS webhook_error_code
+FROM jobvisor.batches b
+-- What is still to do, read from the jobs themselves; a finished batch has nothing.
+LEFT JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE j.status = 'queued') AS queued,
+           count(*) FILTER (WHERE j.status = 'leased') AS leased,
+           sum(j.progress) FILTER (WHERE j.status = 'leased') AS running_progress
+    FROM jobvisor.jobs j
+    WHERE j.batch_id = b.id AND j.finished_at IS NULL AND b.finished_at IS NULL
+) live ON true
+LEFT JOIN LATERAL (
+    SELECT id, status, attempts, max_attempts, error_code FROM jobvisor.jobs
+    WHERE idempotency_key = 'webhook:batch:' || b.id AND key_sticky
+    ORDER BY id DESC LIMIT 1
+) w ON b.callback_url IS NOT NULL
+WHERE b.id = %(id)s
+"""
+
+
+def get_batch(conn: psycopg.Connection, batch_id: str) -> dict[str, Any] | None:
+    """A batch: total, counts by status, `finished`, `progress` (finished jobs plus the
+    reported progress of running ones, over the total) and its webhook delivery."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(_GET_BATCH, {"id": batch_id}).fetchone()
+    if row is None:
+        return None
+    webhook = None
+    if row["webhook_job_id"] is not None:
+        webhook = {"job_id": row["webhook_job_id"], "status": row["webhook_status"],
+                   "attempts": row["webhook_attempts"],
+                   "max_attempts": row["webhook_max_attempts"],
+                   "error_code": row["webhook_error_code"]}
+    for key in ("webhook_job_id", "webhook_status", "webhook_attempts",
+                "webhook_max_attempts", "webhook_error_code"):
+        del row[key]
+    done = row["completed"] + row["failed"] + row["cancelled"]
+    row["done"] = done
+    row["finished"] = row["finished_at"] is not None
+    row["progress"] = (round(min(1.0, (done + row["running_progress"]) / row["total"]), 4)
+                       if row["total"] else 0.0)
+    row["webhook"] = webhook
+    return row
+
+
+_PRUNE_BATCHES = """
+DELETE FROM jobvisor.batches
+WHERE id = ANY(ARRAY(
+    SELECT id FROM jobvisor.batches
+    WHERE finished_at < now() - make_interval(secs => %(age)s)
+    LIMIT %(limit)s))
+"""
+
+
+def prune_batches(conn: psycopg.Connection, age: float, *, limit: int = 10_000) -> int:
+    """Delete batches finished longer than `age` seconds ago, in chunks."""
+    removed = 0
+    while True:
+        cur = conn.execute(_PRUNE_BATCHES, {"age": float(age), "limit": limit})
+        removed += cur.rowcount
+        if cur.rowcount < limit:
+            return removed
+
+
+# --- webhook deliveries ---------------------------------------------------------------------
+
+def webhook_key(kind: str, ident: int | str) -> str:
+    """The sticky idempotency key of the delivery for a job or a batch (sql/004)."""
+    if kind not in ("job", "batch"):
+        raise ValueError(f"webhook_key: kind must be 'job' or 'batch', got {kind!r}")
+    return f"webhook:{kind}:{ident}"
+
+
+_WEBHOOK_DELIVERY = """
+SELECT id, status, attempts, max_attempts, error_code, error_message, created_at, finished_at
+FROM jobvisor.jobs
+WHERE idempotency_key = %(key)s AND key_sticky
+ORDER BY id DESC LIMIT 1
+"""
+
+
+def webhook_delivery(conn: psycopg.Connection, key: str) -> dict[str, Any] | None:
+    """The `webhook` job delivering for `key` (see `webhook_key`), or None."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_WEBHOOK_DELIVERY, {"key": key}).fetchone()
+
+
 def jsonable(row: dict[str, Any]) -> dict[str, Any]:
     """A job row with timestamps as ISO strings, ready for json.dumps."""
     return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
@@ -519,3 +690,73 @@ def jsonable(row: dict[str, Any]) -> dict[str, Any]:
 
 def dumps(value: Any) -> str:
     return json.dumps(value, default=str, sort_keys=True)
+
+
+# --- operator views (dashboard) ------------------------------------------------------------
+# Reads for people, not for the hot path: each is bounded by a LIMIT and selects ids, codes,
+# counts and times only. Payloads, results, error messages and progress notes can carry
+# student content, so none of them is read here.
+
+_RECENT_FAILURES = """
+SELECT id, job_type, error_code, attempts, max_attempts, finished_at
+FROM jobvisor.jobs
+WHERE status = 'failed' AND finished_at IS NOT NULL
+ORDER BY finished_at DESC, id DESC
+LIMIT %(limit)s
+"""
+
+
+def recent_failures(conn: psycopg.Connection, limit: int = 50) -> list[dict[str, Any]]:
+    """The most recently failed jobs, newest first: id, type, code, attempts, when."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_RECENT_FAILURES, {"limit": limit}).fetchall()
+
+
+_RUNNING_JOBS = """
+SELECT id, job_type, attempts, max_attempts, leased_by, started_at, progress,
+       cancel_requested
+FROM jobvisor.jobs
+WHERE status = 'leased'
+ORDER BY started_at, id
+LIMIT %(limit)s
+"""
+
+
+def running_jobs(conn: psycopg.Connection, limit: int = 50) -> list[dict[str, Any]]:
+    """Leased jobs, longest running first (what an operator may want to cancel)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_RUNNING_JOBS, {"limit": limit}).fetchall()
+
+
+_JOB_BRIEF = """
+SELECT id, job_type, status, attempts, max_attempts, error_code
+FROM jobvisor.jobs WHERE id = %(id)s
+"""
+
+
+def job_brief(conn: psycopg.Connection, job_id: int) -> dict[str, Any] | None:
+    """A job's identity and state without payload or result (for audit logs)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_JOB_BRIEF, {"id": job_id}).fetchone()
+
+
+_BATCHES_TABLE = "SELECT to_regclass('jobvisor.batches') IS NOT NULL"
+
+_RECENT_BATCHES = """
+SELECT id, total, completed, failed, cancelled, created_at, finished_at
+FROM jobvisor.batches
+ORDER BY (finished_at IS NULL) DESC, created_at DESC
+LIMIT %(limit)s
+"""
+
+
+def recent_batches(conn: psycopg.Connection, limit: int = 20) -> list[dict[str, Any]] | None:
+    """Open batches first, then the latest finished; None while the table doesn't exist.
+
+    The callback URL is left out: it may carry a secret in its query string.
+    """
+    (exists,) = conn.execute(_BATCHES_TABLE).fetchone()
+    if not exists:
+        return None
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_RECENT_BATCHES, {"limit": limit}).fetchall()

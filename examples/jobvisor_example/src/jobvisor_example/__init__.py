@@ -1,0 +1,1 @@
+"""Example jobvisor job types (see docs/job_types.md)."""
