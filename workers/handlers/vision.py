@@ -20,26 +20,16 @@ import logging
 import uuid
 from typing import Any
 
-import psycopg
-
-from workers import Cancelled, Job, JobContext, PayloadError, PermanentError, TransientError
+from workers import Job, JobContext, PayloadError, PermanentError
 from workers.ai.vision import FAIL_CODE, RETRY_CODE, VisionSettings, extract_text, vision_engine
-from workers.errors import JobError
+from workers.handlers.stage import run_stage
 from workers.storage import LocalStorage, storage_from_env
 
 log = logging.getLogger("jobvisor.vision")
 
 
 def handle(job: Job, ctx: JobContext) -> dict[str, Any]:
-    try:
-        return _handle(job, ctx)
-    except (JobError, Cancelled):
-        raise
-    except psycopg.errors.NoDataFound:
-        raise PermanentError(FAIL_CODE, "submission not visible to its job") from None
-    except Exception as exc:  # noqa: BLE001 - the stage's retry code, not unexpected_error
-        # Type only: an exception's text may quote what the model read.
-        raise TransientError(RETRY_CODE, f"unexpected {type(exc).__name__}") from None
+    return run_stage(_handle, job, ctx, fail_code=FAIL_CODE, retry_code=RETRY_CODE)
 
 
 def _handle(job: Job, ctx: JobContext) -> dict[str, Any]:

@@ -1,0 +1,29 @@
+"""Error mapping shared by the model stages (vision, feedback)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from workers import Cancelled, Job, JobContext, PermanentError, TransientError
+from workers.errors import JobError
+
+
+def run_stage(inner: Callable[[Job, JobContext], dict[str, Any]], job: Job, ctx: JobContext,
+              *, fail_code: str, retry_code: str) -> dict[str, Any]:
+    """Run a stage; anything unexpected becomes the stage's own retry code.
+
+    Only the exception's type is kept: its text may quote the student's text or the
+    model's answer.
+    """
+    try:
+        return inner(job, ctx)
+    except (JobError, Cancelled):
+        raise
+    except psycopg.errors.NoDataFound:
+        # Missing, or another owner's: row-level security hides both alike.
+        raise PermanentError(fail_code, "submission not visible to its job") from None
+    except Exception as exc:  # noqa: BLE001 - the stage's retry code, not unexpected_error
+        raise TransientError(retry_code, f"unexpected {type(exc).__name__}") from None
