@@ -82,6 +82,11 @@ def load(job_type: str, configured: str | None = None) -> Handler:
 def check_contract(job_type: str, func: Any) -> None:
     if not callable(func):
         raise HandlerError("HANDLER_INVALID", f"job type {job_type!r}: handler is not callable")
+    if inspect.iscoroutinefunction(func):
+        # Handlers run in threads; an async one would return an un-awaited coroutine.
+        raise HandlerError("HANDLER_INVALID",
+                           f"job type {job_type!r}: handler must be a plain function, "
+                           "not `async def`")
     try:
         sig = inspect.signature(func)
         sig.bind(object(), object())
