@@ -81,10 +81,12 @@ def _make_gate(conn: psycopg.Connection) -> None:
 
 
 def _pg_dump_in(root: psutil.Process) -> psutil.Process | None:
+    """The dumping pg_dump under `root` — not the short `pg_dump --version` probe that
+    runs first."""
     for proc in root.children(recursive=True):
         try:
-            if proc.name() == "pg_dump" or proc.cmdline()[:1] and \
-                    proc.cmdline()[0].endswith("pg_dump"):
+            argv = proc.cmdline()
+            if argv and argv[0].endswith("pg_dump") and "--format=custom" in argv:
                 return proc
         except psutil.Error:
             continue

@@ -142,12 +142,16 @@ WITH picked AS (
     ORDER BY priority DESC, visible_at, id
     LIMIT %(n)s
     FOR UPDATE SKIP LOCKED
-)
+),
+-- A lease need not wait for the disk: the log is flushed in order, so the fenced
+-- (synchronous) completion that depends on it makes it durable first; a crash can only
+-- lose a lease nothing depends on, and that job is simply queued again.
+relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
 UPDATE jobvisor.jobs j
 SET status = 'leased', lease_key = gen_random_uuid(), leased_by = %(by)s,
     leased_until = now() + make_interval(secs => %(lease)s),
     attempts = j.attempts + 1, started_at = now(), updated_at = now()
-FROM picked
+FROM picked, relaxed
 WHERE j.id = picked.id
 RETURNING j.id, j.job_type, j.payload, j.attempts, j.max_attempts, j.lease_key,
           j.priority, j.batch_id
