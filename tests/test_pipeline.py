@@ -25,6 +25,7 @@ from psycopg.types.json import Jsonb
 from tests.fakes.ollama import FakeOllama
 from tests.helpers import counts, start_worker, stop, wait_for
 from workers import queue as q
+from workers.ocr_tesseract import tesseract_available
 from workers.pdf_render import render_pdf
 from workers.storage import DerivedPaths, LocalStorage
 
@@ -589,3 +590,48 @@ def test_cli_submit_refuses_what_is_not_a_pdf_or_photo_and_times_out_with_1(env,
     pdf.write_bytes(make_pdf("x"))
     proc = jobvisor(env, "submit", str(pdf), "--wait", "--timeout", "1s")  # no workers
     assert proc.returncode == 1 and "still pending after 1s" in proc.stderr
+
+
+# --- settings from the YAML and progress -------------------------------------------------
+
+
+def test_yaml_model_options_and_keep_alive_reach_ollama(db, env, storage, fake, workers):
+    sid = add_submission(db, storage, make_pdf("Der Hund bellt."))
+    enqueue_vision(db, storage, sid, make_pdf("Der Hund bellt."))
+    env = _ollama(env, feedback="stub") | {"AI_VISION_OPTIONS": '{"temperature": 0, "seed": 7}'}
+    workers.start(env, "vision", *FAST, "--options",
+                  '{"model_options": {"num_ctx": 8192, "seed": 3}, "keep_alive": "10m"}')
+    workers.start(env, "feedback", *FAST)
+    wait_for(lambda: _finished(db, sid), what="submission finished")
+    (request,) = [r for r in fake.requests("/api/chat") if r.get("model") == VISION]
+    body = request.get("body", request)
+    assert body["options"] == {"temperature": 0, "seed": 3, "num_ctx": 8192}
+    assert body["keep_alive"] == "10m"
+
+
+@pytest.mark.skipif(not tesseract_available(), reason="Debian's tesseract-ocr is not installed")
+def test_tesseract_vision_reports_progress_per_page(storage):
+    from workers.ai.vision import VisionSettings
+    from workers.handlers import vision
+
+    doc = pymupdf.open()
+    for i in (1, 2, 3):
+        doc.insert_pdf(pymupdf.open(stream=make_pdf(f"Seite {i}: Übung macht den Meister."),
+                                    filetype="pdf"))
+    render = render_pdf(doc.tobytes(), storage)
+    images = [storage.read(k) for k in render.page_keys]
+
+    class Ctx:  # records what the handler reports; the runtime stores it (rate-limited)
+        notes: list[tuple[float, str]] = []
+
+        def progress(self, fraction: float, note: str) -> None:
+            self.notes.append((fraction, note))
+
+        def check_cancelled(self) -> None:
+            pass
+
+    ctx = Ctx()
+    text = vision._read(images, "tesseract", None, VisionSettings(), ctx)
+    assert [n for _, n in ctx.notes] == ["page 1/3", "page 2/3", "page 3/3"]
+    assert [f for f, _ in ctx.notes] == sorted(f for f, _ in ctx.notes)
+    assert all(f"Seite {i}" in text for i in (1, 2, 3))

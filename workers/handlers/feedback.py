@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -26,7 +27,7 @@ from workers.ai.feedback import (
     feedback_backend,
     write_feedback,
 )
-from workers.handlers.stage import run_stage
+from workers.handlers.stage import model_overrides, run_stage
 
 log = logging.getLogger("jobvisor.feedback")
 
@@ -62,6 +63,7 @@ def _handle(job: Job, ctx: JobContext) -> dict[str, Any]:
     try:
         backend = feedback_backend()
         settings = FeedbackSettings.from_env()
+        settings = replace(settings, **model_overrides(ctx.options, settings.options))
     except ValueError as exc:  # a configuration error names the variable, not any text
         raise PermanentError(FAIL_CODE, str(exc)) from None
     ctx.progress(0.1, f"writing feedback ({len(criteria)} criteria)")

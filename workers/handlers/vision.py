@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from workers import Job, JobContext, PayloadError, PermanentError
 from workers.ai.vision import FAIL_CODE, RETRY_CODE, VisionSettings, extract_text, vision_engine
-from workers.handlers.stage import run_stage
+from workers.handlers.stage import model_overrides, run_stage
 from workers.storage import LocalStorage, storage_from_env
 
 log = logging.getLogger("jobvisor.vision")
@@ -58,13 +59,13 @@ def _handle(job: Job, ctx: JobContext) -> dict[str, Any]:
     try:
         engine = vision_engine()
         settings = VisionSettings.from_env()
+        settings = replace(settings, **model_overrides(ctx.options, settings.options))
     except ValueError as exc:  # a configuration error names the variable, not any text
         raise PermanentError(FAIL_CODE, str(exc)) from None
     storage = storage_from_env()
     images = _images(storage, payload)
     text_layer = _text_layer(storage, payload.get("text_layer_key"))
-    ctx.progress(0.1, f"reading {len(images)} page(s)")
-    text = extract_text(images, engine=engine, text_layer=text_layer, settings=settings)
+    text = _read(images, engine, text_layer, settings, ctx)
     if not text.strip():
         # Temperature 0 and the same pages: a retry would read nothing again.
         raise PermanentError(FAIL_CODE, f"no text recognised on {len(images)} page(s)")
@@ -83,6 +84,22 @@ def _handle(job: Job, ctx: JobContext) -> dict[str, Any]:
     })
     return done | {"reused_text": False, "engine": engine, "pages": len(images),
                    "chars": len(text), "feedback_job": feedback_job}
+
+
+def _read(images: list[bytes], engine: str, text_layer: str | None, settings: VisionSettings,
+          ctx: JobContext) -> str:
+    """OCR the pages. Tesseract goes page by page, reporting progress per page; the model
+    gets the whole document in one request (it reads pages in context)."""
+    n = len(images)
+    if engine != "tesseract" or n == 1:
+        ctx.progress(0.1, f"reading {n} page(s)")
+        return extract_text(images, engine=engine, text_layer=text_layer, settings=settings)
+    pages = []
+    for i, image in enumerate(images, 1):
+        ctx.check_cancelled()
+        pages.append(extract_text([image], engine=engine, text_layer=None, settings=settings))
+        ctx.progress(i / n * 0.9, f"page {i}/{n}")
+    return "\n\n".join(pages)
 
 
 def _submission_id(payload: dict[str, Any]) -> str:
