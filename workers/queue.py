@@ -7,7 +7,6 @@ fenced by the job's `lease_key`: a worker whose lease was lost changes nothing.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -691,9 +690,6 @@ def jsonable(row: dict[str, Any]) -> dict[str, Any]:
     """A job row with timestamps as ISO strings, ready for json.dumps."""
     return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
 
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, default=str, sort_keys=True)
 
 
 # --- operator views (dashboard) ------------------------------------------------------------
