@@ -59,6 +59,7 @@ from workers.backup.manifest import (
 )
 from workers.backup.retention import apply_retention, list_backups, new_run_id
 from workers.errors import PermanentError, TransientError
+from workers.logs import JsonFormatter
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -66,6 +67,12 @@ LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 # --- servers and scratch databases ---------------------------------------------------
 
+
+
+def _logged(caplog: pytest.LogCaptureFixture) -> str:
+    """The log lines as jobvisor writes them: event name and every field."""
+    fmt = JsonFormatter()
+    return "\n".join(fmt.format(r) for r in caplog.records)
 
 def _reachable(dsn: str) -> bool:
     try:
@@ -331,9 +338,10 @@ def test_failing_pg_dump_reports_exit_code_and_leaks_nothing(
         assert leaked not in manifest_text
     assert _files(manifest.directory) == {MANIFEST_NAME}  # type: ignore[arg-type]
     # The log keeps the details for operators, but never the password or the DSN.
-    assert "password authentication failed" in caplog.text
-    assert password not in caplog.text
-    assert dsn not in caplog.text
+    logged = _logged(caplog)
+    assert "password authentication failed" in logged
+    assert password not in logged
+    assert dsn not in logged
 
 
 def test_pg_dump_older_than_server_is_version_mismatch_before_dumping(
@@ -527,7 +535,8 @@ def test_password_and_dsn_never_appear_in_any_process_arguments(
     assert manifest.status == "succeeded", manifest.error_message
     assert not passfile.exists()
     assert password not in (manifest.directory / MANIFEST_NAME).read_text()  # type: ignore[operator]
-    assert password not in caplog.text and dsn not in caplog.text
+    logged = _logged(caplog)
+    assert password not in logged and dsn not in logged
 
 
 # --- DSN handling ---------------------------------------------------------------------------

@@ -210,7 +210,7 @@ def run_backup(
         started=time.monotonic(),
     )
     deadline = run.started + settings.timeout_s
-    log.info("backup_started run=%s timeout_s=%g", run_id, settings.timeout_s)
+    log.info("backup_started", extra={"run": run_id, "timeout_s": settings.timeout_s})
     try:
         # Private 0700 directory for the passfile and pg_dump's stderr: neither belongs
         # next to the dumps, and both go away with it.
@@ -314,8 +314,7 @@ def _run_steps(
     run.manifest.pg_dump_path = tool.path
     run.manifest.pg_dump_source = tool.source
     run.manifest.pg_dump_version = tool.version
-    log.info("backup_pg_dump_selected run=%s source=%s pg_dump_version=%s server_version=%s",
-             run.manifest.run_id, tool.source, tool.version, server.version)
+    log.info("backup_pg_dump_selected", extra={"run": run.manifest.run_id, "source": tool.source, "pg_dump_version": tool.version, "server_version": server.version})
 
     env = _dump_environment(run.conn, private)
     _dump(run, tool, env, private, deadline, should_stop, progress)
@@ -385,7 +384,7 @@ def _select_pg_dump(run: _Run, server: ServerInfo, private: Path) -> PgDumpTool:
     for source, path in candidates:
         parsed = _probe_version(path, private)
         if parsed is None:
-            log.warning("backup_pg_dump_unusable run=%s source=%s", run.manifest.run_id, source)
+            log.warning("backup_pg_dump_unusable", extra={"run": run.manifest.run_id, "source": source})
             continue
         tools.append(PgDumpTool(path=path, source=source, version=parsed[0], major=parsed[1]))
     if not tools:
@@ -492,8 +491,7 @@ def _dump(
             raise _Failure(BACKUP_DUMP_FAILED, what + (f": {reason}" if reason else ""),
                            detail=stderr_text, exit_code=rc)
         if stderr_text.strip():
-            log.warning("backup_pg_dump_stderr run=%s detail=%s", run.manifest.run_id,
-                        run.redact(stderr_text))
+            log.warning("backup_pg_dump_stderr", extra={"run": run.manifest.run_id, "detail": run.redact(stderr_text)})
         try:
             os.fsync(dump_fd)
         except OSError as exc:
@@ -578,7 +576,7 @@ def _run_in_group(
             proc.wait(timeout=max(grace_s, 1.0))
         except subprocess.TimeoutExpired:
             # Stuck in the kernel (e.g. a hung NFS write): do not hang with it.
-            log.error("backup_child_unkillable pid=%s", proc.pid)
+            log.error("backup_child_unkillable", extra={"child_pid": proc.pid})
     return proc.returncode
 
 
@@ -612,8 +610,7 @@ def _fail(run: _Run, failure: _Failure) -> None:
     manifest.error_message = run.sanitize(failure.message)
     manifest.exit_code = failure.exit_code
     if failure.detail:
-        log.warning("backup_failure_detail run=%s code=%s detail=%s", manifest.run_id,
-                    failure.code, run.redact(failure.detail))
+        log.warning("backup_failure_detail", extra={"run": manifest.run_id, "code": failure.code, "detail": run.redact(failure.detail)})
 
 
 def _finish(run: _Run) -> None:
@@ -624,8 +621,7 @@ def _finish(run: _Run) -> None:
         try:
             write_manifest(manifest, run.run_dir)
         except OSError as exc:
-            log.error("backup_manifest_write_failed run=%s errno=%s", manifest.run_id,
-                      exc.errno)
+            log.error("backup_manifest_write_failed", extra={"run": manifest.run_id, "errno": exc.errno})
             if manifest.ok:
                 # A dump nobody can verify is not a backup we want to rely on.
                 with contextlib.suppress(OSError):
@@ -637,12 +633,9 @@ def _finish(run: _Run) -> None:
                 )
                 manifest.file = manifest.bytes = manifest.sha256 = None
     if manifest.ok:
-        log.info("backup_succeeded run=%s bytes=%s duration_s=%s pg_dump_version=%s",
-                 manifest.run_id, manifest.bytes, manifest.duration_s,
-                 manifest.pg_dump_version)
+        log.info("backup_succeeded", extra={"run": manifest.run_id, "bytes": manifest.bytes, "duration_s": manifest.duration_s, "pg_dump_version": manifest.pg_dump_version})
     else:
-        log.error("backup_failed run=%s code=%s exit_code=%s message=%s", manifest.run_id,
-                  manifest.error_code, manifest.exit_code, manifest.error_message)
+        log.error("backup_failed", extra={"run": manifest.run_id, "code": manifest.error_code, "exit_code": manifest.exit_code, "error_message": manifest.error_message})
     _retain(run)
 
 
@@ -651,7 +644,7 @@ def _retain(run: _Run) -> None:
     try:
         apply_retention(settings.backup_dir, settings.keep_last, settings.keep_days)
     except OSError as exc:
-        log.warning("backup_retention_failed errno=%s", exc.errno)
+        log.warning("backup_retention_failed", extra={"errno": exc.errno})
 
 
 def _remove_partial(run: _Run) -> None:

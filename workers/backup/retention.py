@@ -119,11 +119,10 @@ def apply_retention(
         try:
             shutil.rmtree(run.path)
         except OSError as exc:
-            log.warning("backup_retention_remove_failed run=%s errno=%s", run.path.name,
-                        exc.errno)
+            log.warning("backup_retention_remove_failed", extra={"run": run.path.name, "errno": exc.errno})
             continue
         removed.append(run.path)
-        log.info("backup_retention_removed run=%s status=%s", run.path.name, run.status)
+        log.info("backup_retention_removed", extra={"run": run.path.name, "status": run.status})
     return removed
 
 
@@ -169,5 +168,4 @@ def _remove_leftovers(run: _Run) -> None:
             else:
                 child.unlink()
         except OSError as exc:
-            log.warning("backup_retention_remove_failed run=%s errno=%s", run.path.name,
-                        exc.errno)
+            log.warning("backup_retention_remove_failed", extra={"run": run.path.name, "errno": exc.errno})
