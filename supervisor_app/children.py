@@ -23,6 +23,9 @@ from supervisor_app.config import Config, RestartConfig
 log = logging.getLogger("jobvisor.children")
 
 STATES = ("starting", "running", "backoff", "stopping", "fatal")
+# Before its first heartbeat a child is importing and connecting, which on a loaded
+# machine can take longer than a short heartbeat timeout.
+START_GRACE = 30.0
 EXIT_JOB_TIMEOUT = 3  # workers.runtime: a job overran; replace the child, no penalty
 
 
@@ -37,6 +40,7 @@ class Slot:
     buffer: bytes = b""
     started_at: float = 0.0
     last_seen: float = 0.0
+    reported: bool = False  # has this child sent a heartbeat yet?
     restart_at: float = 0.0
     quick_failures: int = 0
     restarts: int = 0
@@ -110,6 +114,7 @@ def spawn(slot: Slot, cfg: Config, env: dict[str, str], now: float) -> None:
     slot.buffer = b""
     slot.state = "starting"
     slot.started_at = slot.last_seen = now
+    slot.reported = False
     slot.stop_deadline = 0.0
     slot.inflight = 0
     log.info("child_started", extra={"job_type": slot.job_type, "slot": slot.index,
@@ -143,6 +148,7 @@ def read_status(slot: Slot, now: float) -> list[dict[str, Any]]:
             continue
     if reports:
         slot.last_seen = now
+        slot.reported = True
         slot.inflight = int(reports[-1].get("inflight", 0))
     return reports
 

@@ -250,8 +250,10 @@ class Supervisor:
                         log.warning("child_stop_timeout", extra={"job_type": s.job_type,
                                                                  "slot": s.index})
                         children.kill(s)
-                elif now - s.last_seen > timeout:
+                elif now - s.last_seen > (timeout if s.reported
+                                          else max(timeout, children.START_GRACE)):
                     log.error("child_silent", extra={"job_type": s.job_type, "slot": s.index,
+                                                     "child_pid": s.pid,
                                                      "silent_s": round(now - s.last_seen, 1)})
                     children.kill(s)
                 elif s.state == "starting" and now - s.started_at >= healthy_after:

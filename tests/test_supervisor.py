@@ -304,7 +304,8 @@ def test_a_silent_child_is_killed_and_replaced(db, worker_env, tmp_path):
     try:
         (pid,) = wait_for(lambda: sup.pids(db, "noop"), what="child running")
         os.kill(pid, signal.SIGSTOP)  # alive but silent: no heartbeats reach the supervisor
-        (silent,) = wait_for(lambda: sup.events("child_silent"), what="silent child noticed")
+        (silent,) = wait_for(lambda: [e for e in sup.events("child_silent")
+                                      if e["child_pid"] == pid], what="silent child noticed")
         assert silent["job_type"] == "noop"
         wait_for(lambda: sup.pids(db, "noop") and sup.pids(db, "noop") != [pid],
                  what="replacement child")
