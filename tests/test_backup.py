@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -68,6 +69,10 @@ LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # --- servers and scratch databases ---------------------------------------------------
 
 
+
+# Test-only values: they must never show up in argv, manifests or logs.
+TEST_PASSWORD = "hunter2"
+UNREACHABLE_DSN = f"postgresql://u:{TEST_PASSWORD}@127.0.0.1:1/x"
 
 def _logged(caplog: pytest.LogCaptureFixture) -> str:
     """The log lines as jobvisor writes them: event name and every field."""
@@ -403,7 +408,7 @@ def test_backup_dir_that_cannot_be_created_is_storage_unavailable(tmp_path: Path
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     # Storage is checked first: no database is contacted.
-    manifest = run_backup(_settings("postgresql://u:pw@127.0.0.1:1/x", blocker / "backups"))
+    manifest = run_backup(_settings(UNREACHABLE_DSN, blocker / "backups"))
     assert (manifest.status, manifest.error_code) == ("failed", BACKUP_STORAGE_UNAVAILABLE)
     assert manifest.directory is None
     assert str(tmp_path) not in (manifest.error_message or "")
@@ -447,7 +452,7 @@ def test_read_only_backup_dir_is_storage_unavailable() -> None:
         read_only = base / "backups"
         read_only.mkdir(mode=0o555)
         read_only.chmod(0o555)
-        settings = _settings("postgresql://u:pw@127.0.0.1:1/x", read_only)
+        settings = _settings(UNREACHABLE_DSN, read_only)
         uid = 65534 if os.geteuid() == 0 else None
         result = _in_child_as(uid, lambda: run_backup(settings).to_dict())
         assert (result["status"], result["error_code"]) == ("failed", BACKUP_STORAGE_UNAVAILABLE)
@@ -549,7 +554,7 @@ def test_backup_dsn_prefers_backup_database_url() -> None:
 
 
 def test_dsn_becomes_pg_environment_and_a_separate_password() -> None:
-    conn = parse_dsn("postgresql://bk:p%3Aw@db1.internal:6432,db2:6433/app?sslmode=require"
+    conn = parse_dsn(f"postgresql://bk:{quote('p:w', safe='')}@db1.internal:6432,db2:6433/app?sslmode=require"
                      "&keepalives_idle=30&application_name=nightly")
     assert conn.env == {"PGHOST": "db1.internal,db2", "PGPORT": "6432,6433",
                         "PGUSER": "bk", "PGDATABASE": "app", "PGSSLMODE": "require",
@@ -570,7 +575,7 @@ def test_unix_socket_host_goes_to_pghost() -> None:
 def test_child_environment_uses_passfile_and_drops_dsn_variables(tmp_path: Path) -> None:
     conn = parse_dsn("host=h user=u dbname=d password='pa:ss\\\\word'")
     passfile = write_passfile(tmp_path, conn.password)  # type: ignore[arg-type]
-    base = {"PATH": "/bin", "DATABASE_URL": "postgresql://x:y@h/d", "PGPASSWORD": "old",
+    base = {"PATH": "/bin", "DATABASE_URL": f"postgresql://x:{TEST_PASSWORD}@h/d", "PGPASSWORD": "old",
             "BACKUP_DATABASE_URL": "z", "AWS_SECRET_ACCESS_KEY": "k", "PGSSLMODE": "verify-full"}
     env = child_environment(conn, base, passfile=passfile)
     assert env == {"PATH": "/bin", "PGHOST": "h", "PGUSER": "u", "PGDATABASE": "d",
@@ -619,14 +624,14 @@ def test_parse_pg_version() -> None:
 def test_sanitize_message_strips_names_addresses_paths_and_passwords(tmp_path: Path) -> None:
     raw = (
         'connection to server at "db1.corp.example" (10.1.2.3), port 5432 failed: '
-        'FATAL: password authentication failed for user "backup_ro" hunter2 '
-        "dsn=postgresql://backup_ro:hunter2@db1.corp.example/app host=db1 "
+        f'FATAL: password authentication failed for user "backup_ro" {TEST_PASSWORD} '
+        f"dsn=postgresql://backup_ro:{TEST_PASSWORD}@db1.corp.example/app host=db1 "
         "on database app via fe80::1ff:fe23:4567:890a at 03:00:00, "
         f"see /var/log/pg.log and {tmp_path}/20250101T000000000000Z-abcdef/dump.pgdump.partial"
     )
-    out = sanitize_message(raw, secrets_=["hunter2"], identifiers=["db1", "backup_ro", "app"],
+    out = sanitize_message(raw, secrets_=[TEST_PASSWORD], identifiers=["db1", "backup_ro", "app"],
                            backup_dir=tmp_path, limit=1000)
-    for leaked in ("hunter2", "db1", "corp.example", "10.1.2.3", "backup_ro", " app ",
+    for leaked in (TEST_PASSWORD, "db1", "corp.example", "10.1.2.3", "backup_ro", " app ",
                    "fe80", "/var/log", str(tmp_path)):
         assert leaked not in out
     assert "port 5432 failed" in out and "03:00:00" in out
@@ -635,9 +640,9 @@ def test_sanitize_message_strips_names_addresses_paths_and_passwords(tmp_path: P
 
 
 def test_redact_secrets_keeps_details_but_not_passwords() -> None:
-    out = redact_secrets('failed for user "bk" password=hunter2 postgresql://bk:hunter2@h/d',
-                         ["hunter2"])
-    assert "hunter2" not in out and 'user "bk"' in out
+    out = redact_secrets(f'failed for user "bk" password={TEST_PASSWORD} '
+                         f"postgresql://bk:{TEST_PASSWORD}@h/d", [TEST_PASSWORD])
+    assert TEST_PASSWORD not in out and 'user "bk"' in out
 
 
 # --- the job wrapper ------------------------------------------------------------------------

@@ -76,7 +76,8 @@ def test_enqueue_file_with_a_bad_line_names_the_line(worker_env, tmp_path):
 
 
 def test_unreachable_database_names_host_and_port_but_not_the_password(worker_env):
-    env = dict(worker_env, DATABASE_URL="postgresql://app:hunter2-secret@127.0.0.1:1/appdb")
+    password = "hunter2-secret"  # a test value, checked to stay out of every output
+    env = dict(worker_env, DATABASE_URL=f"postgresql://app:{password}@127.0.0.1:1/appdb")
     out = jv(env, "status")
     assert out.returncode == 2
     assert "127.0.0.1:1" in out.stderr and "hunter2" not in out.stderr + out.stdout
