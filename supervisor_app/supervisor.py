@@ -256,6 +256,7 @@ class Supervisor:
                                                      "child_pid": s.pid,
                                                      "silent_s": round(now - s.last_seen, 1)})
                     children.kill(s)
+                    s.last_seen = now  # once per silence: give the kill time to land
                 elif s.state == "starting" and now - s.started_at >= healthy_after:
                     s.state = "running"
                     s.quick_failures = 0
