@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import re
 import sys
@@ -318,20 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("cancel", cmd_jobs_cancel, "cancel a queued job or ask a running one to stop", jsub)
     sp.add_argument("id", type=int)
 
-    for name in _PLUGGED_COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
+    # Command groups that live in modules of their own (the pipeline, backups, batches).
+    from supervisor_app import cli_backup, cli_batches, cli_learning
+
+    for module in (cli_learning, cli_backup, cli_batches):
         module.register(sub, add)
     return p
-
-
-# Command groups that live in modules of their own (the pipeline, backups).
-_PLUGGED_COMMANDS = ("supervisor_app.cli_learning", "supervisor_app.cli_backup",
-                     "supervisor_app.cli_batches")
 
 
 def main(argv: list[str] | None = None) -> int:

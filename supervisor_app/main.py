@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         env["DATABASE_URL"] = dsn  # the embedded server: children find it here, not in argv
     sup = Supervisor(cfg, path, dsn, env, only_types=only)
     try:
-        sup._check_handlers(cfg)
+        sup.check_handlers(cfg)
     except HandlerError as exc:
         raise BadInput(f"{path}: {exc}") from exc
     server = serve(sup, cfg.supervisor.http.host, cfg.supervisor.http.port)

@@ -78,7 +78,6 @@ class Supervisor:
     # --- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
-        self._check_handlers(self.cfg)
         log.info("supervisor_started", extra={"types": sorted(self._types()),
                                               "config": str(self.cfg_path)})
         while True:
@@ -108,7 +107,7 @@ class Supervisor:
     def _alive(self) -> bool:
         return any(s.proc is not None for slots in self.slots.values() for s in slots)
 
-    def _check_handlers(self, cfg: Config) -> None:
+    def check_handlers(self, cfg: Config) -> None:
         """Import every configured handler once, so a typo fails at start, naming the type."""
         for name, t in cfg.types.items():
             if self.only_types is None or name in self.only_types:
@@ -138,7 +137,7 @@ class Supervisor:
     def reload(self) -> None:
         try:
             new = load_config(self.cfg_path)
-            self._check_handlers(new)
+            self.check_handlers(new)
         except (ConfigError, HandlerError) as exc:
             self.reload_error = str(exc)
             log.error("reload_rejected", extra={"error": str(exc)})

@@ -518,31 +518,9 @@ def test_standalone_pdf_job_returns_page_text_and_hands_back_caller_fields(
 
 # --- the CLI -------------------------------------------------------------------------------
 
-# Runs `jobvisor` with the learning commands registered even before cli.py wires them in.
-_LAUNCH = """
-import argparse, sys
-from supervisor_app import cli, cli_learning
-build = cli.build_parser
-
-def build_with_learning():
-    parser = build()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "submit" not in sub.choices:
-        def add(name, func, help, parent=sub):
-            sp = parent.add_parser(name, help=help, description=help)
-            sp.set_defaults(func=func)
-            return sp
-        cli_learning.register(sub, add)
-    return parser
-
-cli.build_parser = build_with_learning
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
 def jobvisor(env: dict[str, str], *args: str, timeout: float = 180
              ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _LAUNCH, *args], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "supervisor_app", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 
