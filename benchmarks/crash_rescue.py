@@ -100,7 +100,7 @@ def one_kill(sup: Any, conn: psycopg.Connection, job_type: str, processes: int,
     _, _, started_1, owner = wait_until(leased, timeout=timeout, what=f"job {job_id} leased",
                                         interval=0.01)
     assert owner is not None
-    victim = int(owner.rsplit(":", 1)[1])
+    victim = int(owner.split(":")[1])
     if victim not in pids:
         raise BenchFailed(f"job {job_id} leased by {owner}, not one of the children {pids}")
     time.sleep(0.2)  # mid-job: the handler is sleeping
@@ -119,7 +119,7 @@ def one_kill(sup: Any, conn: psycopg.Connection, job_type: str, processes: int,
     rescue_s = (started_2 - kill_db).total_seconds()
     rescued = [e for e in sup.events("leases_rescued") if e.get("child_pid") == victim]
     detect_s = parse_ts(rescued[0]["ts"]) - kill_wall if rescued else None
-    new_pid = int(str(owner_2).rsplit(":", 1)[1])
+    new_pid = int(str(owner_2).split(":")[1])
     if q.cancel(conn, job_id) is None:
         raise BenchFailed(f"job {job_id} could not be cancelled")
     wait_until(lambda: _row(conn, job_id)[0] in ("cancelled", "completed", "failed"),

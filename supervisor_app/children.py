@@ -10,7 +10,9 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -51,6 +53,9 @@ class Slot:
     uss: int = 0
     cpu_seconds: float = 0.0
     last_exit: int | None = None
+    # The lease owner id of the running child (host:pid:nonce, see workers.runtime).
+    worker_id: str | None = None
+    recycled: bool = False  # asked to drain because it went over its memory limit
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -95,8 +100,13 @@ def worker_command(cfg: Config, job_type: str) -> list[str]:
 def spawn(slot: Slot, cfg: Config, env: dict[str, str], now: float) -> None:
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
+    # The child names itself host:pid:nonce; with the nonce we know that name too, so a
+    # rescue at its death touches its leases only (not those of a same-pid process on
+    # another host of the same name).
+    nonce = secrets.token_hex(6)
     child_env = dict(env, JOBVISOR_STATUS_FD=str(write_fd),
-                     JOBVISOR_SLOT=f"{slot.job_type}:{slot.index}")
+                     JOBVISOR_SLOT=f"{slot.job_type}:{slot.index}",
+                     JOBVISOR_WORKER_NONCE=nonce)
     try:
         slot.proc = subprocess.Popen(
             worker_command(cfg, slot.job_type), env=child_env, pass_fds=(write_fd,),
@@ -111,6 +121,8 @@ def spawn(slot: Slot, cfg: Config, env: dict[str, str], now: float) -> None:
     finally:
         os.close(write_fd)
     slot.status_fd = read_fd
+    slot.worker_id = f"{socket.gethostname()}:{slot.proc.pid}:{nonce}"
+    slot.recycled = False
     slot.buffer = b""
     slot.state = "starting"
     slot.started_at = slot.last_seen = now
@@ -159,13 +171,18 @@ def close_status(slot: Slot) -> None:
         slot.status_fd = None
 
 
-def terminate(slot: Slot, now: float, grace: float) -> None:
-    """Ask the child to drain; it gets `grace` plus a margin before SIGKILL."""
+def terminate(slot: Slot, now: float, grace: float, *, recycle: bool = False) -> None:
+    """Ask the child to drain; it gets `grace` plus a margin before SIGKILL.
+
+    `recycle` (over its memory limit) sends SIGUSR1: a job still running when the grace
+    ends is then charged for it rather than put back for free.
+    """
     if slot.proc is None or slot.state == "stopping":
         return
     slot.state = "stopping"
     slot.stop_deadline = now + grace + 5.0
-    _signal(slot, signal.SIGTERM)
+    slot.recycled = recycle
+    _signal(slot, signal.SIGUSR1 if recycle else signal.SIGTERM)
 
 
 def kill(slot: Slot) -> None:
@@ -178,8 +195,14 @@ def _signal(slot: Slot, sig: int) -> None:
             os.kill(slot.proc.pid, sig)
 
 
-def after_exit(slot: Slot, code: int, now: float, policy: RestartConfig) -> None:
-    """Decide what a slot whose child just exited does next."""
+def after_exit(slot: Slot, code: int, now: float, policy: RestartConfig,
+               charged: int = 0) -> None:
+    """Decide what a slot whose child just exited does next.
+
+    `charged`: jobs its death was put down to (it held them). A crash while running jobs
+    is the jobs' fault, handled by crash isolation in the queue, not the slot's: it does
+    not count towards the quick failures that back a slot off.
+    """
     ran = now - slot.started_at
     slot.proc = None
     slot.last_exit = code
@@ -195,6 +218,13 @@ def after_exit(slot: Slot, code: int, now: float, policy: RestartConfig) -> None
             slot.restarts += 1
         return
     slot.restarts += 1
+    if charged:
+        slot.state = "backoff"
+        slot.restart_at = now + policy.backoff
+        log.warning("child_died", extra={"job_type": slot.job_type, "slot": slot.index,
+                                         "exit_code": code, "restart_in_s": policy.backoff,
+                                         "ran_s": round(ran, 3), "jobs_held": charged})
+        return
     # Only consecutive quick failures count: a crash after a healthy run starts afresh.
     slot.quick_failures = 0 if ran >= policy.healthy_after else slot.quick_failures + 1
     if slot.quick_failures >= policy.max_quick_failures:

@@ -219,8 +219,13 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         print(json.dumps(job, sort_keys=True, default=str))
     else:
         for key, value in job.items():
-            if value is not None:
-                print(f"{key:>16}: {json.dumps(value, default=str) if key in ('payload', 'result') else value}")
+            if value is None or key == "errors":
+                continue
+            shown = json.dumps(value, default=str) if key in ("payload", "result") else value
+            print(f"{key:>16}: {shown}")
+        for e in job.get("errors") or []:  # each attempt's error, oldest first (last 10)
+            print(f"{'attempt ' + str(e.get('attempt')):>16}: {e.get('code')} at {e.get('at')}"
+                  f" — {e.get('message') or ''}")
     return EXIT_OK
 
 

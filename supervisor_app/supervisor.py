@@ -217,25 +217,36 @@ class Supervisor:
                     continue
                 pid = s.proc.pid
                 self._read_children(now)  # its last report may still be in the pipe
+                held = self._rescue_child(s, pid, code)
                 restarts = s.restarts
-                children.after_exit(s, code, now, self.cfg.supervisor.restart)
+                children.after_exit(s, code, now, self.cfg.supervisor.restart, charged=held)
                 self.restarts[job_type] = self.restarts.get(job_type, 0) + s.restarts - restarts
-                self._rescue_child(pid, code)
                 if s.retire or self.draining or job_type not in self._types():
                     slots.remove(s)
             if not slots and (self.draining or job_type not in self._types()):
                 del self.slots[job_type]
 
-    def _rescue_child(self, pid: int, code: int) -> None:
-        """Put a dead child's leased jobs back at once, not after their leases expire."""
+    def _rescue_child(self, s: Slot, pid: int, code: int) -> int:
+        """Put a dead child's leased jobs back at once, not after their leases expire.
+
+        Returns how many it held (0 when it held none, or the database can't be asked).
+        A job it held alone is charged; several go back uncounted as suspects (queue).
+        """
+        if s.worker_id is None:
+            return 0
+        reason = f"{s.job_type}_memory_exceeded" if s.recycled else queue.WORKER_DIED
         try:
-            rescued = queue.rescue(self._db(), leased_by=f"{self.host}:{pid}")
+            rescued = queue.rescue_worker(self._db(), s.worker_id, code=reason)
         except psycopg.Error as exc:
             self._db_failed(exc)
-            return
+            return 0
         if rescued:
-            log.warning("leases_rescued", extra={"child_pid": pid, "exit_code": code,
-                                                 "jobs": [r[0] for r in rescued]})
+            log.warning("leases_rescued", extra={
+                "child_pid": pid, "exit_code": code, "code": reason,
+                "jobs": [r[0] for r in rescued],
+                "charged": [r[0] for r in rescued if r[3]],
+                "failed": [r[0] for r in rescued if r[2] == "failed"]})
+        return len(rescued)
 
     def _kill_silent_and_stuck(self, now: float) -> None:
         timeout = self.cfg.supervisor.child_heartbeat_timeout
@@ -285,7 +296,7 @@ class Supervisor:
                 if limit and s.state == "running" and s.uss > limit:
                     log.warning("child_recycled", extra={"job_type": job_type, "slot": s.index,
                                                          "uss": s.uss, "limit": limit})
-                    children.terminate(s, now, self.cfg.supervisor.grace)
+                    children.terminate(s, now, self.cfg.supervisor.grace, recycle=True)
 
     def _resize(self, now: float) -> None:
         types = self._types()

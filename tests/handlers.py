@@ -37,3 +37,52 @@ def chain(job: Job, ctx: JobContext) -> dict:
     if (job.payload or {}).get("fail_after_enqueue"):
         raise RuntimeError("boom after enqueue")
     return {"follow_up": follow}
+
+
+def crash(job: Job, ctx: JobContext) -> dict:
+    """`{"crash": "segv" | "exit", "after": s}` takes the whole process down after `after`
+    seconds; `{"seconds": s}` sleeps like `record` and records its effect."""
+    payload = job.payload if isinstance(job.payload, dict) else {}
+    how = payload.get("crash")
+    if how:
+        time.sleep(float(payload.get("after", 0)))
+        if how == "segv":
+            import ctypes
+
+            ctypes.string_at(0)  # SIGSEGV: the interpreter dies on the spot
+        import os
+
+        os._exit(1)
+    return record(job, ctx)
+
+
+def hog(job: Job, ctx: JobContext) -> dict:
+    """Hold `mib` MiB of written memory, then wait (cancellable) for `seconds`."""
+    payload = job.payload if isinstance(job.payload, dict) else {}
+    block = b"x" * (int(payload.get("mib", 300)) << 20)
+    ctx.sleep(float(payload.get("seconds", 60)))
+    return {"held": len(block)}
+
+
+def bad_result(job: Job, ctx: JobContext) -> object:
+    """Return what the payload names: a result jsonb can't hold, or a fine one."""
+    kind = (job.payload or {}).get("kind")
+    return {"nan": float("nan"), "inf": {"x": float("inf")}, "nul": "a\u0000b",
+            "surrogate": ["\ud800"]}.get(kind, {"ok": job.id})
+
+
+def boom(job: Job, ctx: JobContext) -> None:
+    """An unexpected exception whose text carries payload content."""
+    return {}[(job.payload or {}).get("text", "")]
+
+
+def db_then_sleep(job: Job, ctx: JobContext) -> dict:
+    """Sleep (cancellable), then write an effect through the completing transaction, or
+    with `{"no_db": true}` touch no connection at all."""
+    payload = job.payload if isinstance(job.payload, dict) else {}
+    ctx.sleep(float(payload.get("seconds", 0)))
+    if not payload.get("no_db"):
+        ctx.db.execute(
+            "INSERT INTO effects (job_id, attempt, pid) VALUES (%s, %s, pg_backend_pid())",
+            (job.id, job.attempt))
+    return {"attempt": job.attempt}

@@ -154,3 +154,25 @@ def test_a_child_imports_only_what_its_type_needs(worker_env):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_jobs_show_lists_each_attempts_error(db, worker_env):
+    job_id = q.enqueue(db, q.NewJob("noop", {}, max_attempts=3))
+    for n in (1, 2):
+        db.execute("UPDATE jobvisor.jobs SET visible_at = now() WHERE id = %s", (job_id,))
+        (job,) = q.lease(db, "noop", 1, worker_id="w", lease_seconds=30)
+        q.retry(db, job.id, job.lease_key, code=f"step{n}_failed", message=f"try {n}", delay=0)
+    text = jv(worker_env, "jobs", "show", str(job_id)).stdout
+    assert "attempt 1: step1_failed at " in text and "— try 1" in text
+    assert "attempt 2: step2_failed at " in text
+    shown = json.loads(jv(worker_env, "jobs", "show", str(job_id), "--json").stdout)
+    assert [e["code"] for e in shown["errors"]] == ["step1_failed", "step2_failed"]
+
+
+def test_jobs_show_names_a_payload_too_deep_to_decode(db, worker_env):
+    (job_id,) = db.execute("INSERT INTO jobvisor.jobs (job_type, payload) VALUES ('noop', %s)"
+                           " RETURNING id", ("[" * 6000 + "]" * 6000,)).fetchone()
+    out = jv(worker_env, "jobs", "show", str(job_id), "--json")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["payload"] is None and "too deep" in shown["payload_error"]

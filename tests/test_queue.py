@@ -131,16 +131,103 @@ def test_put_back_does_not_count_the_attempt(db):
     assert row["status"] == "queued" and row["attempts"] == 0
 
 
-def test_rescue_of_a_dead_worker_counts_the_attempt_and_fails_when_out(db):
+def test_rescue_of_a_worker_that_died_holding_one_job_charges_it_and_fails_when_out(db):
     a = q.enqueue(db, q.NewJob("noop", {}, max_attempts=1))
-    b = q.enqueue(db, q.NewJob("noop", {}, max_attempts=3))
-    q.lease(db, "noop", 2, worker_id="host:123", lease_seconds=300)
+    q.lease(db, "noop", 1, worker_id="host:123:a", lease_seconds=300)
     q.enqueue(db, q.NewJob("noop", {}))
-    q.lease(db, "noop", 1, worker_id="host:456", lease_seconds=300)
-    rescued = {r[0]: r[2] for r in q.rescue(db, leased_by="host:123")}
-    assert rescued == {a: "failed", b: "queued"}
-    assert q.get_job(db, a)["error_code"] == "worker_died"
-    assert counts(db) == {"failed": 1, "queued": 1, "leased": 1}
+    q.lease(db, "noop", 1, worker_id="host:456:b", lease_seconds=300)
+    rescued = q.rescue_worker(db, "host:123:a")
+    assert rescued == [(a, "noop", "failed", True)]
+    row = q.get_job(db, a)
+    assert row["error_code"] == "worker_died" and row["attempts"] == 1
+    assert [e["code"] for e in row["errors"]] == ["worker_died"]
+    assert counts(db) == {"failed": 1, "leased": 1}
+
+
+def test_rescue_of_a_worker_that_died_holding_several_keeps_their_attempts_as_suspects(db):
+    ids = [q.enqueue(db, q.NewJob("noop", {}, max_attempts=1)) for _ in range(3)]
+    q.lease(db, "noop", 3, worker_id="host:123:a", lease_seconds=300)
+    rescued = q.rescue_worker(db, "host:123:a", code="noop_memory_exceeded")
+    assert sorted(rescued) == [(i, "noop", "queued", False) for i in ids]
+    for i in ids:
+        row = q.get_job(db, i)
+        assert row["attempts"] == 0 and row["suspect"]
+        assert row["error_code"] == "noop_memory_exceeded"
+
+
+def test_a_suspect_is_leased_alone_and_only_by_a_worker_holding_nothing(db):
+    plain = q.enqueue(db, q.NewJob("noop", {}))
+    suspects = [q.enqueue(db, q.NewJob("noop", {})) for _ in range(2)]
+    db.execute("UPDATE jobvisor.jobs SET suspect = true WHERE id = ANY(%s)", (suspects,))
+    busy = q.lease(db, "noop", 5, worker_id="w1", lease_seconds=30)
+    assert [j.id for j in busy] == [plain]  # not alone: no suspect
+    (first,) = q.lease(db, "noop", 5, worker_id="w2", lease_seconds=30, alone=True)
+    assert first.id == suspects[0] and first.suspect
+    (second,) = q.lease(db, "noop", 5, worker_id="w3", lease_seconds=30, alone=True)
+    assert second.id == suspects[1]
+
+
+def test_a_payload_python_cannot_decode_fails_only_its_own_lease_entry(db):
+    deep = "[" * 6000 + "]" * 6000
+    db.execute("INSERT INTO jobvisor.jobs (job_type, payload) VALUES ('noop', %s::jsonb)",
+               (deep,))
+    ok = q.enqueue(db, q.NewJob("noop", {"fine": True}))
+    jobs = {j.id: j for j in q.lease(db, "noop", 5, worker_id="w", lease_seconds=30)}
+    assert jobs[ok].payload == {"fine": True} and jobs[ok].payload_error is None
+    (bad,) = [j for j in jobs.values() if j.id != ok]
+    assert bad.payload is None and "too deep" in bad.payload_error
+
+
+def test_cancel_wins_over_retry_rescue_and_put_back(db):
+    ids = [q.enqueue(db, q.NewJob("noop", {})) for _ in range(3)]
+    jobs = {j.id: j for j in q.lease(db, "noop", 3, worker_id="w", lease_seconds=30)}
+    for i in ids:
+        assert q.cancel(db, i) == "cancel_requested"
+    assert q.retry(db, ids[0], jobs[ids[0]].lease_key, code="x", message=None,
+                   delay=0) == "cancelled"
+    assert q.put_back(db, [(ids[1], jobs[ids[1]].lease_key)]) == {ids[1]}
+    db.execute("UPDATE jobvisor.jobs SET leased_until = now() - interval '1s' WHERE id = %s",
+               (ids[2],))
+    assert q.rescue(db) == [(ids[2], "noop", "cancelled")]
+    for i in ids:
+        row = q.get_job(db, i)
+        assert row["status"] == "cancelled" and row["error_code"] == "cancelled"
+    assert q.lease(db, "noop", 3, worker_id="w", lease_seconds=30) == []
+
+
+def test_each_attempt_error_is_kept_and_the_history_is_bounded(db):
+    job_id = q.enqueue(db, q.NewJob("noop", {}, max_attempts=q.MAX_ERRORS + 3))
+    for n in range(1, q.MAX_ERRORS + 3):
+        db.execute("UPDATE jobvisor.jobs SET visible_at = now() WHERE id = %s", (job_id,))
+        (job,) = q.lease(db, "noop", 1, worker_id="w", lease_seconds=30)
+        q.retry(db, job.id, job.lease_key, code=f"e{n}", message=f"attempt {n}", delay=0)
+    errors = q.get_job(db, job_id)["errors"]
+    assert len(errors) == q.MAX_ERRORS
+    assert [e["code"] for e in errors] == [f"e{n}" for n in range(3, q.MAX_ERRORS + 3)]
+    assert errors[-1]["attempt"] == q.MAX_ERRORS + 2 and errors[-1]["message"] == \
+        f"attempt {q.MAX_ERRORS + 2}"
+
+
+@pytest.mark.parametrize("result, why", [
+    (float("nan"), "not JSON"), ({"x": float("inf")}, "not JSON"), ("a\u0000b", "NUL"),
+    ({"k": ["\ud800"]}, "surrogate"), (object(), "not JSON"),
+])
+def test_encode_result_refuses_what_jsonb_cannot_hold(result, why):
+    with pytest.raises(q.ResultError, match=why):
+        q.encode_result(result)
+
+
+def test_encode_result_keeps_an_escaped_backslash_before_u0000(db):
+    text = q.encode_result({"s": "\\u0000"})  # a backslash, then the letters u0000
+    (back,) = db.execute("SELECT %s::jsonb ->> 's'", (text,)).fetchone()
+    assert back == "\\u0000"
+
+
+def test_worker_channels_are_per_type_and_match_the_sql_function(db):
+    for name in ("noop", "a" * 60, "b" * 63, "x" * 61):
+        (sql_name,) = db.execute("SELECT jobvisor.jobs_channel(%s)", (name,)).fetchone()
+        assert sql_name == q.jobs_channel(name) and len(sql_name) <= 63
+    assert q.jobs_channel("b" * 63) != q.jobs_channel("b" * 62)
 
 
 def test_cancel_queued_and_running_and_retry_failed(db):
@@ -182,12 +269,13 @@ def test_global_limit_caps_leased_jobs_of_a_type(db):
     assert q.lease(db, "noop", 5, worker_id="b", lease_seconds=30, global_limit=3) == []
 
 
-def test_notify_is_sent_on_enqueue(db_dsn, db):
+def test_notify_is_sent_on_enqueue_on_the_type_channel_only(db_dsn, db):
     with psycopg.connect(db_dsn, autocommit=True) as listener:
-        listener.execute("LISTEN jobvisor_jobs")
+        listener.execute(f'LISTEN "{q.jobs_channel("noop")}"')
+        q.enqueue_many(db, [q.NewJob("sleep", {})])
         q.enqueue_many(db, [q.NewJob("noop", {}), q.NewJob("noop", {}), q.NewJob("sleep", {})])
-        got = {n.payload for n in listener.notifies(timeout=5, stop_after=2)}
-    assert got == {"noop", "sleep"}
+        got = [n.channel for n in listener.notifies(timeout=2)]
+    assert got == [q.jobs_channel("noop")]  # one per statement, none for the other type
 
 
 def test_migrations_are_idempotent_and_race_free(pg_server_dsn):

@@ -28,7 +28,7 @@ def test_kill_9_of_a_child_mid_job_restarts_it_and_the_job_completes_once(db, wo
         wait_for(lambda: counts(db, "rec").get("leased") == 1, what="job leased")
         (owner,) = db.execute("SELECT leased_by FROM jobvisor.jobs WHERE id = %s",
                               (job_id,)).fetchone()
-        victim = int(owner.rsplit(":", 1)[1])
+        victim = int(owner.split(":")[1])
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: q.get_job(db, job_id)["status"] == "completed", what="job completed")
         row = q.get_job(db, job_id)

@@ -134,11 +134,14 @@ def test_a_batch_webhook_fires_once_after_the_last_job(db, worker_env, receiver,
         == {"id": "hooked", "total": 22, "completed": 21, "failed": 1, "cancelled": 0}
     assert receiver.requests[0]["path"] == "/batch?token=abc"
     # Enqueued by the transaction that finished the last job, not before.
-    (last_finished,) = db.execute("SELECT max(finished_at) FROM jobvisor.jobs WHERE batch_id ="
-                                  " 'hooked' AND id <> %s", (failed_id,)).fetchone()
+    # (Its created_at is the finishing transaction's start: after every job of the batch
+    # started, and no later than the last one finished.)
+    (last_started, last_finished) = db.execute(
+        "SELECT max(started_at), max(finished_at) FROM jobvisor.jobs WHERE batch_id = 'hooked'"
+        " AND id <> %s", (failed_id,)).fetchone()
     created = db.execute("SELECT created_at FROM jobvisor.jobs WHERE id = %s",
                          (hook["id"],)).fetchone()[0]
-    assert created >= last_finished
+    assert last_started <= created <= last_finished
     assert db.execute("SELECT count(*) FROM jobvisor.jobs WHERE job_type = 'webhook'"
                       ).fetchone()[0] == 1
     assert hook["attempts"] == 1

@@ -7,6 +7,9 @@ fenced by the job's `lease_key`: a worker whose lease was lost changes nothing.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,8 +24,15 @@ from workers import webhooks
 from workers.errors import MAX_MESSAGE
 
 STATUSES = ("queued", "leased", "completed", "failed", "cancelled")
-JOBS_CHANNEL = "jobvisor_jobs"
 CANCEL_CHANNEL = "jobvisor_cancel"
+MAX_ERRORS = 10  # attempts whose errors a job keeps (sql/006, jobvisor.push_error)
+
+
+def jobs_channel(job_type: str) -> str:
+    """The channel a type's workers LISTEN on; mirrors `jobvisor.jobs_channel` (sql/006)."""
+    if len(job_type) <= 60:
+        return f"jv_{job_type}"
+    return f"jv_{job_type[:51]}_{hashlib.md5(job_type.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,24 @@ class LeasedJob:
     lease_key: uuid.UUID
     priority: int
     batch_id: str | None
+    # Held by a worker that died beside other jobs: run it alone (sql/006).
+    suspect: bool = False
+    # Why the payload could not be decoded (the job then fails as `payload_invalid`).
+    payload_error: str | None = None
+
+
+def _decode_payload(text: str | None) -> tuple[Any, str | None]:
+    """Decode a payload in the worker, not in the driver: a payload that any producer
+    could store but Python can't load (nesting deeper than the recursion limit) fails
+    its own job instead of the lease that fetched it."""
+    if text is None:
+        return None, None
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "payload nesting is too deep to decode"
+    except ValueError as exc:
+        return None, f"payload is not valid JSON: {type(exc).__name__}"
 
 
 def _clip(message: str | None) -> str | None:
@@ -135,12 +163,23 @@ def enqueue(conn: psycopg.Connection, job: NewJob) -> int:
 # --- lease -----------------------------------------------------------------------------
 
 _LEASE = """
-WITH picked AS (
+WITH suspect AS (
+    -- A suspect only for a process that holds nothing else, and then nothing more.
     SELECT id FROM jobvisor.jobs
-    WHERE job_type = %(type)s AND status = 'queued' AND visible_at <= now()
+    WHERE %(alone)s AND job_type = %(type)s AND status = 'queued' AND suspect
+      AND visible_at <= now()
+    ORDER BY priority DESC, visible_at, id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), plain AS (
+    SELECT id FROM jobvisor.jobs
+    WHERE job_type = %(type)s AND status = 'queued' AND visible_at <= now() AND NOT suspect
+      AND NOT EXISTS (SELECT 1 FROM suspect)
     ORDER BY priority DESC, visible_at, id
     LIMIT %(n)s
     FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT id FROM suspect UNION ALL SELECT id FROM plain
 ),
 -- A lease need not wait for the disk: the log is flushed in order, so the fenced
 -- (synchronous) completion that depends on it makes it durable first; a crash can only
@@ -152,8 +191,9 @@ SET status = 'leased', lease_key = gen_random_uuid(), leased_by = %(by)s,
     attempts = j.attempts + 1, started_at = now(), updated_at = now()
 FROM picked, relaxed
 WHERE j.id = picked.id
-RETURNING j.id, j.job_type, j.payload, j.attempts, j.max_attempts, j.lease_key,
-          j.priority, j.batch_id
+-- The payload as text: decoded per job by the worker (see _decode_payload).
+RETURNING j.id, j.job_type, j.payload::text, j.attempts, j.max_attempts, j.lease_key,
+          j.priority, j.batch_id, j.suspect
 """
 
 _LEASED_COUNT = """
@@ -169,15 +209,19 @@ def lease(
     worker_id: str,
     lease_seconds: float,
     global_limit: int | None = None,
+    alone: bool = False,
 ) -> list[LeasedJob]:
     """Lease up to `n` jobs of one type: highest priority first, then oldest.
 
-    With `global_limit`, leasing of this type is serialised by an advisory lock so the
-    number of leased jobs across every host never exceeds it.
+    With `alone` (the caller holds no job), a suspect job is leased first and then alone:
+    the caller must lease nothing more while it holds a suspect. With `global_limit`,
+    leasing of this type is serialised by an advisory lock so the number of leased jobs
+    across every host never exceeds it.
     """
     if n <= 0:
         return []
-    params = {"type": job_type, "n": n, "by": worker_id, "lease": float(lease_seconds)}
+    params = {"type": job_type, "n": n, "by": worker_id, "lease": float(lease_seconds),
+              "alone": alone}
     if global_limit is None:
         rows = conn.execute(_LEASE, params).fetchall()
     else:
@@ -189,7 +233,11 @@ def lease(
             (held,) = conn.execute(_LEASED_COUNT, params).fetchone()
             params["n"] = max(0, min(n, global_limit - held))
             rows = conn.execute(_LEASE, params).fetchall() if params["n"] else []
-    jobs = [LeasedJob(*r) for r in rows]
+    jobs = []
+    for r in rows:
+        payload, error = _decode_payload(r[2])
+        jobs.append(LeasedJob(r[0], r[1], payload, r[3], r[4], r[5], r[6], r[7],
+                              suspect=r[8], payload_error=error))
     jobs.sort(key=lambda j: (-j.priority, j.id))
     return jobs
 
@@ -249,11 +297,13 @@ def save_progress(
 
 # --- finishing (fenced) ---------------------------------------------------------------
 
+# Finishing statements stamp clock_timestamp(): a statement in a transaction that began
+# before the work (a handler's own) must still record when the job really finished.
 _COMPLETE = """
 UPDATE jobvisor.jobs j
 SET status = 'completed', result = d.result, progress = 1, lease_key = NULL,
     leased_until = NULL, error_code = NULL, error_message = NULL,
-    finished_at = now(), updated_at = now()
+    finished_at = clock_timestamp(), updated_at = clock_timestamp()
 FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[], %(results)s::jsonb[]) AS d(id, lease_key, result)
 WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
 RETURNING j.id
@@ -261,42 +311,87 @@ RETURNING j.id
 
 
 def complete_many(
-    conn: psycopg.Connection, items: Sequence[tuple[int, uuid.UUID, Any]]
+    conn: psycopg.Connection, items: Sequence[tuple[int, uuid.UUID, Any]], *,
+    encoded: bool = False,
 ) -> set[int]:
-    """Complete many jobs in one statement; returns the ids whose lease still held."""
+    """Complete many jobs in one statement; returns the ids whose lease still held.
+
+    With `encoded`, each result is already JSON text (or None), as the runtime checks it
+    before the batch is sent (see `encode_result`).
+    """
     if not items:
         return set()
+    if encoded:
+        results: list[Any] = [i[2] for i in items]
+    else:
+        results = [None if i[2] is None else Jsonb(i[2]) for i in items]
     rows = conn.execute(
         _COMPLETE,
-        {
-            "ids": [i[0] for i in items],
-            "keys": [i[1] for i in items],
-            "results": [None if i[2] is None else Jsonb(i[2]) for i in items],
-        },
+        {"ids": [i[0] for i in items], "keys": [i[1] for i in items], "results": results},
     ).fetchall()
     return {r[0] for r in rows}
 
 
-def complete(conn: psycopg.Connection, job_id: int, lease_key: uuid.UUID, result: Any) -> bool:
-    return bool(complete_many(conn, [(job_id, lease_key, result)]))
+def complete(conn: psycopg.Connection, job_id: int, lease_key: uuid.UUID, result: Any, *,
+             encoded: bool = False) -> bool:
+    return bool(complete_many(conn, [(job_id, lease_key, result)], encoded=encoded))
 
 
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+class ResultError(ValueError):
+    """A handler's result that jsonb cannot hold."""
+
+
+def encode_result(result: Any) -> str | None:
+    """The result as the JSON text jsonb will accept, or ResultError naming why not.
+
+    `json.dumps` accepts what jsonb refuses: NaN and Infinity, NUL characters (jsonb
+    text can't hold U+0000) and lone surrogates (not UTF-8).
+    """
+    if result is None:
+        return None
+    try:
+        text = json.dumps(result, allow_nan=False, ensure_ascii=False)
+    except RecursionError:
+        raise ResultError("result nesting is too deep") from None
+    except (TypeError, ValueError) as exc:
+        raise ResultError(f"result is not JSON: {exc}"[:200]) from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ResultError("result holds a lone surrogate (not UTF-8)") from None
+    if _NUL_ESCAPE.search(text):
+        raise ResultError("result holds a NUL character (\\u0000), which jsonb can't store")
+    return text
+
+
+# Cancel wins: a job whose cancel was requested ends cancelled rather than running again.
 _RETRY_OR_FAIL = """
 UPDATE jobvisor.jobs j
-SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'queued' END,
-    visible_at = CASE WHEN j.attempts >= j.max_attempts THEN j.visible_at
-                      ELSE now() + make_interval(secs => %(delay)s) END,
-    finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
+                  WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'queued' END,
+    visible_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts THEN j.visible_at
+                      ELSE clock_timestamp() + make_interval(secs => %(delay)s) END,
+    finished_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts
+                       THEN clock_timestamp() END,
     lease_key = NULL, leased_until = NULL,
-    error_code = %(code)s, error_message = %(message)s, updated_at = now()
+    error_code = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE %(code)s END,
+    error_message = CASE WHEN j.cancel_requested THEN 'cancelled by request'
+                         ELSE %(message)s END,
+    errors = jobvisor.push_error(j.errors, j.attempts, %(code)s, %(message)s),
+    updated_at = clock_timestamp()
 WHERE j.id = %(id)s AND j.lease_key = %(key)s AND j.status = 'leased'
 RETURNING j.status
 """
 
 _FAIL = """
 UPDATE jobvisor.jobs j
-SET status = %(status)s, finished_at = now(), lease_key = NULL, leased_until = NULL,
-    error_code = %(code)s, error_message = %(message)s, updated_at = now()
+SET status = %(status)s, finished_at = clock_timestamp(), lease_key = NULL,
+    leased_until = NULL, error_code = %(code)s, error_message = %(message)s,
+    errors = jobvisor.push_error(j.errors, j.attempts, %(code)s, %(message)s),
+    updated_at = clock_timestamp()
 WHERE j.id = %(id)s AND j.lease_key = %(key)s AND j.status = 'leased'
 RETURNING j.status
 """
@@ -311,7 +406,9 @@ def retry(
     message: str | None,
     delay: float,
 ) -> str | None:
-    """Queue the job again after `delay`, or fail it when its attempts are used up.
+    """Queue the job again after `delay`, or fail it when its attempts are used up (or
+    cancel it, when a cancel was requested meanwhile). The attempt's error is added to
+    the job's history.
 
     Returns the new status, or None when the lease was lost (nothing changed).
     """
@@ -346,23 +443,36 @@ def fail(
 _PUT_BACK = """
 WITH back AS (
     UPDATE jobvisor.jobs j
-    SET status = 'queued', attempts = greatest(j.attempts - 1, 0), lease_key = NULL,
-        leased_until = NULL, visible_at = now(), updated_at = now()
+    SET status = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE 'queued' END,
+        finished_at = CASE WHEN j.cancel_requested THEN clock_timestamp() END,
+        error_code = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE j.error_code END,
+        error_message = CASE WHEN j.cancel_requested THEN 'cancelled by request'
+                             ELSE j.error_message END,
+        attempts = greatest(j.attempts - 1, 0), lease_key = NULL, leased_until = NULL,
+        suspect = j.suspect OR %(suspect)s,
+        visible_at = clock_timestamp(), updated_at = clock_timestamp()
     FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[]) AS d(id, lease_key)
     WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
-    RETURNING j.id, j.job_type
+    RETURNING j.id, j.job_type, j.status
 )
 -- Identical notifications in one transaction are delivered once.
-SELECT id, pg_notify('jobvisor_jobs', job_type) FROM back
+SELECT id, CASE WHEN status = 'queued' THEN pg_notify(jobvisor.jobs_channel(job_type), '') END
+FROM back
 """
 
 
-def put_back(conn: psycopg.Connection, leases: Sequence[tuple[int, uuid.UUID]]) -> set[int]:
-    """Return unfinished jobs to the queue without counting the attempt (shutdown)."""
+def put_back(conn: psycopg.Connection, leases: Sequence[tuple[int, uuid.UUID]], *,
+             suspect: bool = False) -> set[int]:
+    """Return unfinished jobs to the queue without counting the attempt (shutdown).
+
+    With `suspect`, they were beside a job that took their process down (memory): each
+    then runs alone. A job whose cancel was requested is cancelled instead.
+    """
     if not leases:
         return set()
     rows = conn.execute(
-        _PUT_BACK, {"ids": [i for i, _ in leases], "keys": [k for _, k in leases]}
+        _PUT_BACK, {"ids": [i for i, _ in leases], "keys": [k for _, k in leases],
+                    "suspect": suspect}
     ).fetchall()
     return {r[0] for r in rows}
 
@@ -372,39 +482,105 @@ def put_back(conn: psycopg.Connection, leases: Sequence[tuple[int, uuid.UUID]]) 
 _RESCUE = """
 WITH expired AS (
     SELECT id FROM jobvisor.jobs
-    WHERE status = 'leased'
-      AND (leased_until < now() OR (%(by)s::text IS NOT NULL AND leased_by = %(by)s))
+    WHERE status = 'leased' AND leased_until < now()
     FOR UPDATE SKIP LOCKED
 ), changed AS (
     UPDATE jobvisor.jobs j
-    SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'queued' END,
-        finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-        visible_at = now(), lease_key = NULL, leased_until = NULL,
-        error_code = %(code)s, error_message = %(message)s, updated_at = now()
+    SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
+                      WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'queued' END,
+        finished_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts
+                           THEN clock_timestamp() END,
+        visible_at = clock_timestamp(), lease_key = NULL, leased_until = NULL,
+        error_code = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE %(code)s END,
+        error_message = CASE WHEN j.cancel_requested THEN 'cancelled by request'
+                             ELSE %(message)s END,
+        errors = jobvisor.push_error(j.errors, j.attempts, %(code)s, %(message)s),
+        updated_at = clock_timestamp()
     FROM expired
     WHERE j.id = expired.id
     RETURNING j.id, j.job_type, j.status
 )
 SELECT c.id, c.job_type, c.status,
-       CASE WHEN c.status = 'queued' THEN pg_notify('jobvisor_jobs', c.job_type) END
+       CASE WHEN c.status = 'queued' THEN pg_notify(jobvisor.jobs_channel(c.job_type), '') END
 FROM changed c
 """
 
+# A dead worker's leases. Held alone, the job is the culprit and its attempt counts (it
+# fails once attempts are used up). Held beside others, nobody knows which did it: all
+# go back uncounted as suspects, and each then runs alone (see `lease`), so a second
+# death is charged to the one that caused it. Prefetched jobs count as held: the
+# database can't tell them from started ones, and a re-run alone costs them only a wait.
+_RESCUE_WORKER = """
+WITH held AS (
+    SELECT id FROM jobvisor.jobs
+    WHERE status = 'leased' AND leased_by = %(by)s
+    FOR UPDATE
+), alone AS (
+    SELECT count(*) = 1 AS yes FROM held
+), changed AS (
+    UPDATE jobvisor.jobs j
+    SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
+                      WHEN a.yes AND j.attempts >= j.max_attempts THEN 'failed'
+                      ELSE 'queued' END,
+        finished_at = CASE WHEN j.cancel_requested OR (a.yes AND j.attempts >= j.max_attempts)
+                           THEN clock_timestamp() END,
+        attempts = CASE WHEN a.yes THEN j.attempts ELSE greatest(j.attempts - 1, 0) END,
+        suspect = true,
+        visible_at = clock_timestamp(), lease_key = NULL, leased_until = NULL,
+        error_code = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE %(code)s END,
+        error_message = CASE WHEN j.cancel_requested THEN 'cancelled by request'
+                             WHEN a.yes THEN %(message)s
+                             ELSE %(message)s || ' beside other jobs (not counted; runs alone next)'
+                        END,
+        errors = jobvisor.push_error(j.errors, j.attempts, %(code)s,
+                                     CASE WHEN a.yes THEN %(message)s
+                                          ELSE %(message)s || ' beside other jobs (not counted)'
+                                     END),
+        updated_at = clock_timestamp()
+    FROM held, alone a
+    WHERE j.id = held.id
+    RETURNING j.id, j.job_type, j.status, a.yes
+)
+SELECT c.id, c.job_type, c.status, c.yes,
+       CASE WHEN c.status = 'queued' THEN pg_notify(jobvisor.jobs_channel(c.job_type), '') END
+FROM changed c
+"""
 
-def rescue(conn: psycopg.Connection, *, leased_by: str | None = None) -> list[tuple[int, str, str]]:
-    """Requeue expired leases (and, with `leased_by`, every lease of a dead worker).
+WORKER_DIED = "worker_died"
 
-    The attempt that was running counts; a job out of attempts fails instead.
-    Returns (id, job_type, new status) per rescued job.
+
+def rescue(conn: psycopg.Connection, *, leased_by: str | None = None,
+           code: str = WORKER_DIED) -> list[tuple[int, str, str]]:
+    """Requeue expired leases, or (with `leased_by`) every lease of a dead worker.
+
+    Expired: the attempt that was running counts; a job out of attempts fails instead.
+    A dead worker's leases: see `rescue_worker`. Returns (id, job_type, new status).
     """
-    if leased_by is None:
-        code, message = "lease_expired", "lease expired before the job finished"
-    else:
-        code, message = "worker_died", "the worker process running this job died"
+    if leased_by is not None:
+        return [(r[0], r[1], r[2]) for r in rescue_worker(conn, leased_by, code=code)]
     rows = conn.execute(
-        _RESCUE, {"by": leased_by, "code": code, "message": message}
+        _RESCUE, {"code": "lease_expired", "message": "lease expired before the job finished"}
     ).fetchall()
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+def rescue_worker(conn: psycopg.Connection, leased_by: str, *, code: str = WORKER_DIED,
+                  message: str | None = None) -> list[tuple[int, str, str, bool]]:
+    """Put a dead worker's leases back at once; returns (id, type, status, charged).
+
+    `code` says how it died (`worker_died`, `<type>_memory_exceeded`). A job it held
+    alone is charged the attempt; jobs it held together become suspects, uncounted.
+    """
+    if message is None:
+        message = ("the worker process running this job died" if code == WORKER_DIED
+                   else f"the worker process running this job was stopped: {code}")
+    with conn.transaction():
+        # Its backend may still hold a row lock for a moment after the process died.
+        conn.execute("SET LOCAL lock_timeout = '5s'")
+        rows = conn.execute(
+            _RESCUE_WORKER, {"by": leased_by, "code": code, "message": _clip(message)}
+        ).fetchall()
+    return [(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
 
 _CANCEL = """
@@ -442,7 +618,7 @@ SET status = 'queued', attempts = 0, visible_at = now(), finished_at = NULL,
     cancel_requested = false, error_code = NULL, error_message = NULL,
     result = NULL, progress = NULL, progress_note = NULL, updated_at = now()
 WHERE j.id = %(id)s AND j.status IN ('failed', 'cancelled')
-RETURNING j.id, pg_notify('jobvisor_jobs', j.job_type)
+RETURNING j.id, pg_notify(jobvisor.jobs_channel(j.job_type), '')
 """
 
 
@@ -515,17 +691,27 @@ def status_counts(conn: psycopg.Connection) -> dict[str, dict[str, float]]:
 
 
 _GET = """
-SELECT id, job_type, payload, priority, status, attempts, max_attempts, visible_at,
-       leased_by, leased_until, cancel_requested, error_code, error_message, result,
+SELECT id, job_type, payload::text AS payload, priority, status, attempts, max_attempts,
+       visible_at, leased_by, leased_until, cancel_requested, error_code, error_message,
+       result::text AS result,
        progress, progress_note, idempotency_key, batch_id, created_at, updated_at,
-       started_at, finished_at
+       started_at, finished_at, suspect, errors
 FROM jobvisor.jobs WHERE id = %(id)s
 """
 
 
 def get_job(conn: psycopg.Connection, job_id: int) -> dict[str, Any] | None:
+    """One job, all of it. A payload or result Python can't decode (nesting too deep) is
+    None, with `payload_error` / `result_error` saying why, instead of an exception."""
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(_GET, {"id": job_id}).fetchone()
+        row = cur.execute(_GET, {"id": job_id}).fetchone()
+    if row is None:
+        return None
+    for key in ("payload", "result"):
+        row[key], error = _decode_payload(row[key])
+        if error:
+            row[f"{key}_error"] = error
+    return row
 
 
 # --- batches -------------------------------------------------------------------------------
