@@ -478,8 +478,10 @@ def test_rescue_of_a_dead_workers_jobs_survives_a_malformed_payload(db, storage)
     enqueue_vision(db, storage, sid, make_pdf("x"), max_attempts=1)
     q.enqueue(db, q.NewJob("vision", {"submission_id": "not-a-uuid", "owner_sub": "x"},
                            max_attempts=1))
-    q.lease(db, "vision", 2, worker_id="dead", lease_seconds=30)
-    rescued = q.rescue(db, leased_by="dead")
+    # Each held alone by its dead worker: charged, and out of attempts.
+    q.lease(db, "vision", 1, worker_id="dead-1", lease_seconds=30)
+    q.lease(db, "vision", 1, worker_id="dead-2", lease_seconds=30)
+    rescued = q.rescue(db, leased_by="dead-1") + q.rescue(db, leased_by="dead-2")
     assert sorted(status for _, _, status in rescued) == ["failed", "failed"]
     assert status_of(db, sid) == ("failed", "vision_failed")
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +41,16 @@ class Job:
 class JobContext:
     """Per-job services. Not shared between threads; one per running job.
 
-    `db` opens the job's own transaction on a pooled connection on first use; the
-    runtime commits it together with the job's fenced completion, or rolls it back.
+    Database access comes in two kinds, so that no transaction stays open while the
+    handler waits on slow work (a model, OCR, a render, pg_dump):
+
+    * `read()`: a short READ ONLY transaction of its own, committed and handed back to
+      the pool when the `with` block ends. Read what the work needs, then leave it.
+    * `db` (and `enqueue`): the job's *completing* transaction, opened on first use; the
+      runtime commits it together with the job's fenced completion, or rolls it back.
+      Open it only after the slow work, to write the outcome.
+
+    A handler that needs neither never takes a connection at all.
     """
 
     job: Job
@@ -49,6 +59,7 @@ class JobContext:
     _pool: ConnectionPool
     _default_max_attempts: Callable[[str], int] = field(default=lambda _t: 5)
     _conn: psycopg.Connection | None = None
+    _db_opened_at: float | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
     _lost: bool = False
     _progress: tuple[float, str | None] | None = None
@@ -59,17 +70,63 @@ class JobContext:
     # --- database -----------------------------------------------------------------
     @property
     def db(self) -> psycopg.Connection:
+        """The job's completing transaction: what is written here commits together with
+        the job's fenced completion (rolled back on error or a lost lease).
+
+        Open it only after the slow work: from its first use until the job finishes the
+        connection is held in a transaction (`now()` is that transaction's start, and the
+        backend's snapshot holds back vacuum). Read before the work with `read()`.
+        """
         if self._conn is None:
             conn = self._pool.getconn()
             try:
-                conn.execute(
-                    "SELECT set_config('app.current_sub', %s, true)", (self.job.owner,)
-                )
+                self._apply_job_settings(conn)
             except BaseException:
                 self._pool.putconn(conn)
                 raise
             self._conn = conn
+            if self._db_opened_at is None:
+                self._db_opened_at = time.monotonic()
         return self._conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[psycopg.Connection]:
+        """A short READ ONLY transaction with the job's settings (`app.current_sub`).
+
+        For reads before slow work: the transaction commits (or rolls back, when the block
+        raises) and the connection goes back to the pool when the block ends, so none is
+        held while the handler waits. A write inside raises
+        `psycopg.errors.ReadOnlySqlTransaction`. Writes belong in `db`, after the work.
+
+        Once `db` is open, read through `db`: this raises RuntimeError then (a second
+        connection per job could exhaust the pool, and `db`'s reads see its own writes).
+        """
+        if self._conn is not None:
+            raise RuntimeError("JobContext.read() after db was opened: read through ctx.db")
+        conn = self._pool.getconn()
+        try:
+            conn.execute("SET TRANSACTION READ ONLY")
+            self._apply_job_settings(conn)
+            yield conn
+            conn.commit()
+        except BaseException:
+            # A broken connection can't roll back; the pool discards it either way.
+            with contextlib.suppress(psycopg.Error):
+                conn.rollback()
+            raise
+        finally:
+            self._pool.putconn(conn)
+
+    def _apply_job_settings(self, conn: psycopg.Connection) -> None:
+        """The per-job settings every transaction of this job starts with; row-level
+        security isolates the job's reads and writes by them."""
+        conn.execute("SELECT set_config('app.current_sub', %s, true)", (self.job.owner,))
+
+    @property
+    def db_opened_at(self) -> float | None:
+        """`time.monotonic()` when `db` was first opened (None: never). The runtime can
+        tell from it how long a handler held its completing transaction."""
+        return self._db_opened_at
 
     @property
     def touched_db(self) -> bool:
@@ -86,7 +143,8 @@ class JobContext:
         max_attempts: int | None = None,
         batch_id: str | None = None,
     ) -> int:
-        """Enqueue a follow-up job in this job's transaction: both commit or neither."""
+        """Enqueue a follow-up job in this job's completing transaction (`db`): both
+        commit or neither. Like `db`, call it after the slow work."""
         return queue.enqueue(
             self.db,
             queue.NewJob(

@@ -5,7 +5,9 @@ from the submission row (never from vision: a retry here repeats only the feedba
 call). The backend is `workers.ai.feedback.feedback_backend()` (stub | dspy | ollama,
 from AI_FEEDBACK_BACKEND / AI_BACKEND; DSPy falls back to a direct Ollama call).
 
-The result is stored through `learning_worker_update_completed` in this job's fenced
+The submission is read in a short read-only transaction (`ctx.read()`) that ends before
+the model call; the result is stored afterwards through `learning_worker_update_completed`
+(which refuses a submission that moved on meanwhile) in this job's fenced, completing
 transaction. Errors: `TransientError("feedback_retrying")` and
 `PermanentError("feedback_failed")`. Logs carry ids, counts and codes, never text.
 """
@@ -42,11 +44,13 @@ def _handle(job: Job, ctx: JobContext) -> dict[str, Any]:
         submission_id = str(uuid.UUID(str(payload.get("submission_id"))))
     except ValueError:
         raise PayloadError("submission_id must be a uuid") from None
-    row = ctx.db.execute(
-        "SELECT analysis_status, text_body, criteria FROM public.learning_submissions"
-        " WHERE id = %s",
-        (submission_id,),
-    ).fetchone()
+    # Read in a short transaction of its own: none stays open during the model call.
+    with ctx.read() as conn:
+        row = conn.execute(
+            "SELECT analysis_status, text_body, criteria FROM public.learning_submissions"
+            " WHERE id = %s",
+            (submission_id,),
+        ).fetchone()
     if row is None:  # missing, or not this job's owner: row-level security hides both
         raise PermanentError(FAIL_CODE, "submission not visible to its job")
     status, text_body, raw_criteria = row
@@ -71,6 +75,8 @@ def _handle(job: Job, ctx: JobContext) -> dict[str, Any]:
     if not result.feedback_md.strip():
         raise TransientError(RETRY_CODE, f"empty feedback from {result.backend_used}")
     ctx.check_cancelled()
+    # The completing transaction starts only now; the guarded write returns false when
+    # the submission moved on during the model call.
     (stored,) = ctx.db.execute(
         "SELECT public.learning_worker_update_completed(%s, %s, %s)",
         (submission_id, result.feedback_md, Jsonb(result.analysis)),

@@ -3,6 +3,8 @@
 Pipeline payload `{"submission_id", "owner_sub"}`: the upload named by the submission
 is rendered to page PNGs (a photo becomes page 1), and a `vision` job for those pages
 is enqueued in this job's fenced transaction: it exists exactly when this job completes.
+The submission is read in a short read-only transaction that ends before the render;
+the completing transaction opens only after it.
 
 Standalone payload `{"file": KEY_OR_PATH, ...}` (`file_path` is accepted too): the
 result is the per-page text (and with `include_images`, page image keys); every other
@@ -58,11 +60,13 @@ def handle(job: Job, ctx: JobContext) -> dict[str, Any]:
 
 def _pipeline(job: Job, ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
     submission_id = _submission_id(payload)
-    row = ctx.db.execute(
-        "SELECT analysis_status, source_key, mime_type FROM public.learning_submissions"
-        " WHERE id = %s",
-        (submission_id,),
-    ).fetchone()
+    # Read in a short transaction of its own: none stays open while the pages render.
+    with ctx.read() as conn:
+        row = conn.execute(
+            "SELECT analysis_status, source_key, mime_type FROM public.learning_submissions"
+            " WHERE id = %s",
+            (submission_id,),
+        ).fetchone()
     if row is None:  # missing, or not this job's owner: row-level security hides both
         raise PermanentError("pdf_submission_not_found", "submission not visible to its job")
     status, source_key, mime_type = row
@@ -76,6 +80,7 @@ def _pipeline(job: Job, ctx: JobContext, payload: dict[str, Any]) -> dict[str, A
     data = _read(storage, source_key)
     render = _render(data, mime_type, storage, ctx)
     ctx.check_cancelled()
+    # The completing transaction opens here, after the render.
     vision_job = ctx.enqueue(
         "vision",
         {

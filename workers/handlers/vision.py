@@ -5,9 +5,11 @@ Payload (written by the pdf stage): `{"submission_id", "owner_sub", "page_keys",
 tesseract, from AI_VISION_BACKEND / AI_BACKEND).
 
 OCR reuse: a submission already `extracted` with text gets no model call; the job
-only enqueues feedback. `extracted` without text is read again and stored. The text is
-stored through `learning_worker_update_extracted` and the feedback job enqueued in the
-same fenced transaction, so both happen exactly when this job completes.
+only enqueues feedback. `extracted` without text is read again and stored. The
+submission is read in a short read-only transaction (`ctx.read()`) that ends before the
+model call; afterwards the text is stored through `learning_worker_update_extracted`
+(which refuses a submission that moved on meanwhile) and the feedback job enqueued in the
+job's completing transaction, so both happen exactly when this job completes.
 
 Errors: `TransientError("vision_retrying")` (the queue retries with backoff) and
 `PermanentError("vision_failed")`. Logs carry ids, counts and codes, never text.
@@ -36,10 +38,12 @@ def handle(job: Job, ctx: JobContext) -> dict[str, Any]:
 def _handle(job: Job, ctx: JobContext) -> dict[str, Any]:
     payload = job.payload if isinstance(job.payload, dict) else {}
     submission_id = _submission_id(payload)
-    row = ctx.db.execute(
-        "SELECT analysis_status, text_body FROM public.learning_submissions WHERE id = %s",
-        (submission_id,),
-    ).fetchone()
+    # Read in a short transaction of its own: none stays open during the model call.
+    with ctx.read() as conn:
+        row = conn.execute(
+            "SELECT analysis_status, text_body FROM public.learning_submissions WHERE id = %s",
+            (submission_id,),
+        ).fetchone()
     if row is None:  # missing, or not this job's owner: row-level security hides both
         raise PermanentError(FAIL_CODE, "submission not visible to its job")
     status, text_body = row
@@ -70,6 +74,8 @@ def _handle(job: Job, ctx: JobContext) -> dict[str, Any]:
         # Temperature 0 and the same pages: a retry would read nothing again.
         raise PermanentError(FAIL_CODE, f"no text recognised on {len(images)} page(s)")
     ctx.check_cancelled()
+    # The completing transaction starts only now. The guarded write re-checks the state
+    # read above: it returns false when the submission moved on during the model call.
     (stored,) = ctx.db.execute(
         "SELECT public.learning_worker_update_extracted(%s, %s)", (submission_id, text)
     ).fetchone()
