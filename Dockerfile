@@ -74,6 +74,8 @@ ENV PATH=/opt/jobvisor/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     JOBVISOR_SQL_DIR=/opt/jobvisor/sql \
     JOBVISOR_CONFIG=/etc/jobvisor/jobvisor.yaml \
+    # The shipped config listens on loopback only; in the container, on every address.
+    JOBVISOR_HTTP_HOST=0.0.0.0 \
     JOBVISOR_HOME=/var/lib/jobvisor/home \
     STORAGE_DIR=/var/lib/jobvisor/storage \
     BACKUP_DIR=/var/lib/jobvisor/backups

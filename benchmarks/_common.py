@@ -137,8 +137,11 @@ def bench_database() -> Iterator[BenchDatabase]:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             progress(f"dropped {name}")
         else:
-            with psycopg.connect(dsn, autocommit=True) as conn:
+            with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
                 conn.execute("DELETE FROM jobvisor.jobs WHERE job_type = %s",
+                             (f"bench_{tag}",))
+                # Every row of the type is gone, so are its finished counts (sql/007).
+                conn.execute("DELETE FROM jobvisor.job_counts WHERE job_type = %s",
                              (f"bench_{tag}",))
 
 

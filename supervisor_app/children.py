@@ -1,7 +1,8 @@
 """One slot per child process: its state, how it is started, and how it is judged.
 
 States: starting (spawned, not yet healthy for `healthy_after`), running, backoff
-(died, waiting to restart), stopping (asked to drain), fatal (failed too often, fast).
+(died, waiting to restart), stopping (asked to drain), fatal (failed too often, fast:
+health is degraded, and it still retries by itself with a long, capped backoff).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -29,6 +31,7 @@ STATES = ("starting", "running", "backoff", "stopping", "fatal")
 # machine can take longer than a short heartbeat timeout.
 START_GRACE = 30.0
 EXIT_JOB_TIMEOUT = 3  # workers.runtime: a job overran; replace the child, no penalty
+FATAL_MAX_BACKOFF = 300.0  # a slot failing past its quick-failure limit retries this often
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Slot:
     # The lease owner id of the running child (host:pid:nonce, see workers.runtime).
     worker_id: str | None = None
     recycled: bool = False  # asked to drain because it went over its memory limit
+    pending_exit: tuple[int, float] | None = None  # (exit code, ran s) awaiting its rescue
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -68,7 +72,10 @@ class Slot:
             "rss_bytes": self.rss, "uss_bytes": self.uss, "cpu_seconds": round(self.cpu_seconds, 3),
             "inflight": self.inflight, "restarts": self.restarts,
             "uptime_s": round(now - self.started_at, 1) if self.proc else 0.0,
-            "last_exit": self.last_exit,
+            "last_exit": self.last_exit, "quick_failures": self.quick_failures,
+            "retry_in_s": (round(max(0.0, self.restart_at - now), 1)
+                           if self.proc is None and self.state in ("backoff", "fatal")
+                           and self.restart_at != math.inf else None),
         }
 
 
@@ -106,7 +113,7 @@ def spawn(slot: Slot, cfg: Config, env: dict[str, str], now: float) -> None:
     nonce = secrets.token_hex(6)
     child_env = dict(env, JOBVISOR_STATUS_FD=str(write_fd),
                      JOBVISOR_SLOT=f"{slot.job_type}:{slot.index}",
-                     JOBVISOR_WORKER_NONCE=nonce)
+                     JOBVISOR_WORKER_NONCE=nonce, JOBVISOR_PARENT_PID=str(os.getpid()))
     try:
         slot.proc = subprocess.Popen(
             worker_command(cfg, slot.job_type), env=child_env, pass_fds=(write_fd,),
@@ -195,14 +202,10 @@ def _signal(slot: Slot, sig: int) -> None:
             os.kill(slot.proc.pid, sig)
 
 
-def after_exit(slot: Slot, code: int, now: float, policy: RestartConfig,
-               charged: int = 0) -> None:
-    """Decide what a slot whose child just exited does next.
-
-    `charged`: jobs its death was put down to (it held them). A crash while running jobs
-    is the jobs' fault, handled by crash isolation in the queue, not the slot's: it does
-    not count towards the quick failures that back a slot off.
-    """
+def after_exit(slot: Slot, code: int, now: float, policy: RestartConfig, *,
+               awaiting_rescue: bool = True) -> None:
+    """A slot's child just exited: an expected exit restarts at once; a crash waits for
+    the answer to its rescue (`settle_exit`), which says whether it held jobs."""
     ran = now - slot.started_at
     slot.proc = None
     slot.last_exit = code
@@ -218,21 +221,45 @@ def after_exit(slot: Slot, code: int, now: float, policy: RestartConfig,
             slot.restarts += 1
         return
     slot.restarts += 1
-    if charged:
+    slot.pending_exit = (code, ran)
+    slot.state = "backoff"
+    slot.restart_at = math.inf  # until settle_exit
+    if not awaiting_rescue:
+        settle_exit(slot, 0, now, policy)
+
+
+def settle_exit(slot: Slot, held: int, now: float, policy: RestartConfig) -> None:
+    """Decide when a crashed slot restarts, once its rescue said how many jobs it held.
+
+    A crash while holding jobs is the jobs' fault — crash isolation in the queue charges
+    the one that did it — so the slot restarts after the base backoff and the crash does
+    not count as a quick failure. A crash holding nothing counts: consecutive quick
+    failures back off exponentially up to `max_backoff`; past `max_quick_failures` the
+    slot is "fatal" (health degraded) but still retries by itself, the delay doubling up
+    to FATAL_MAX_BACKOFF. A run longer than `healthy_after` starts the count afresh.
+    """
+    if slot.pending_exit is None:
+        return
+    code, ran = slot.pending_exit
+    slot.pending_exit = None
+    if held:
         slot.state = "backoff"
         slot.restart_at = now + policy.backoff
         log.warning("child_died", extra={"job_type": slot.job_type, "slot": slot.index,
                                          "exit_code": code, "restart_in_s": policy.backoff,
-                                         "ran_s": round(ran, 3), "jobs_held": charged})
+                                         "ran_s": round(ran, 3), "jobs_held": held})
         return
-    # Only consecutive quick failures count: a crash after a healthy run starts afresh.
     slot.quick_failures = 0 if ran >= policy.healthy_after else slot.quick_failures + 1
+    delay = policy.backoff * 2 ** max(0, slot.quick_failures - 1)
     if slot.quick_failures >= policy.max_quick_failures:
+        delay = min(FATAL_MAX_BACKOFF, max(policy.max_backoff, delay))
         slot.state = "fatal"
+        slot.restart_at = now + delay
         log.error("child_fatal", extra={"job_type": slot.job_type, "slot": slot.index,
-                                        "exit_code": code, "failures": slot.quick_failures})
+                                        "exit_code": code, "failures": slot.quick_failures,
+                                        "retry_in_s": round(delay, 3)})
         return
-    delay = min(policy.max_backoff, policy.backoff * 2 ** max(0, slot.quick_failures - 1))
+    delay = min(policy.max_backoff, delay)
     slot.state = "backoff"
     slot.restart_at = now + delay
     log.warning("child_died", extra={"job_type": slot.job_type, "slot": slot.index,

@@ -155,12 +155,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _connect(args) as conn:
         queues = queue.status_counts(conn)
         workers, plan, readings = _supervisor_view(conn)
+        served = _served_types(conn)
         # Text only: the --json shape is a documented contract (DESIGN.md).
         running = [] if args.json else queue.running_jobs(conn, limit=20)
-    out = {"queues": queues, "workers": workers, "plan": plan}
+    # Queues with jobs waiting that no live supervisor serves (kept, never failed for it).
+    unserved = sorted(t for t, c in queues.items() if c["queued"] and t not in served)
+    out = {"queues": queues, "workers": workers, "plan": plan, "unserved": unserved}
     if args.json:
         print(json.dumps(out, sort_keys=True))
         return EXIT_OK
+    for t in unserved:
+        print(f"warning: {queues[t]['queued']} job(s) of type {t!r} are queued and no running "
+              "supervisor serves that type", file=sys.stderr)
     print(f"{'type':<14}{'queued':>8}{'leased':>8}{'done':>9}{'failed':>8}{'cancel':>8}"
           f"{'oldest s':>10}")
     for job_type, c in sorted(queues.items()):
@@ -184,6 +190,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  job {r['id']} {r['job_type']}{done} attempt {r['attempts']}/"
               f"{r['max_attempts']} since {r['started_at']}")
     return EXIT_OK
+
+
+def _served_types(conn: psycopg.Connection) -> set[str]:
+    from supervisor_app.registry_table import live_supervisors
+
+    return {t for state in live_supervisors(conn) for t in state.get("types") or []}
 
 
 def _supervisor_view(

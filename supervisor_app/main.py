@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import os
+import signal
 from pathlib import Path
 
 from supervisor_app import database, embedded
-from supervisor_app.config import ConfigError, load_config, resolve_config_path
+from supervisor_app.config import Config, ConfigError, load_config, resolve_config_path
 from supervisor_app.errors import BadInput, Failed
-from supervisor_app.http import serve
+from supervisor_app.http import Server
 from supervisor_app.migrate import migrate
 from supervisor_app.supervisor import Supervisor, send_reload
 from workers.dsn import dsn_from_env
@@ -23,6 +26,41 @@ def pid_file() -> Path:
     return Path(os.environ.get("JOBVISOR_PID_FILE") or embedded.home() / "jobvisor.pid")
 
 
+def lock_pid_file(pf: Path) -> int:
+    """Hold `pf` locked (flock) for this process's life and write our pid into it.
+
+    One supervisor per JOBVISOR_HOME: a second one finds the lock held and names the pid
+    that holds it. The kernel drops the lock when the holder dies, however it dies.
+    """
+    pf.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(pf, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise BadInput(f"another supervisor (pid {holder}) is running with {pf}; "
+                       "stop it or set JOBVISOR_HOME to another directory") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _locked(pf: Path) -> bool:
+    """Whether a live supervisor holds the pid file's lock."""
+    try:
+        fd = os.open(pf, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def run(args: argparse.Namespace) -> int:
     path = resolve_config_path(args.config)
     try:
@@ -32,6 +70,33 @@ def run(args: argparse.Namespace) -> int:
     only = set(args.types.split(",")) if args.types else None
     if only and (missing := only - set(cfg.types)):
         raise BadInput(f"--types: not configured in {path}: {', '.join(sorted(missing))}")
+    # Signals that arrive while starting up (binding, migrating) are kept for the
+    # supervisor loop, which acts on them first: a SIGTERM then is a prompt, clean stop.
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda s, _f: early.append(s))
+    pf = pid_file()
+    lock = lock_pid_file(pf)
+    # Bind before touching the database: a taken port fails at once, before migrating.
+    host = os.environ.get("JOBVISOR_HTTP_HOST", "").strip() or cfg.supervisor.http.host
+    port = cfg.supervisor.http.port
+    try:
+        server = Server(host, port)
+    except OSError as exc:
+        os.close(lock)
+        raise BadInput(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                       "(supervisor.http in the config)") from None
+    try:
+        return _supervise(cfg, path, only, server, early)
+    finally:
+        server.shutdown()
+        with contextlib.suppress(OSError):
+            pf.unlink()  # we hold the lock: the file is ours
+        os.close(lock)
+
+
+def _supervise(cfg: Config, path: Path, only: set[str] | None, server: Server,
+               early: list[int]) -> int:
     # The supervisor migrates and prunes, so it prefers the app DSN; children pick
     # LEARNING_DATABASE_URL (the least-privilege worker role) first when it is set.
     from_env = os.environ.get("DATABASE_URL", "").strip() or dsn_from_env()
@@ -44,27 +109,22 @@ def run(args: argparse.Namespace) -> int:
     if not from_env:
         env["DATABASE_URL"] = dsn  # the embedded server: children find it here, not in argv
     sup = Supervisor(cfg, path, dsn, env, only_types=only)
+    sup.signals = early  # the same list: the early handlers go on appending until replaced
     try:
         sup.check_handlers(cfg)
     except HandlerError as exc:
         raise BadInput(f"{path}: {exc}") from exc
-    server = serve(sup, cfg.supervisor.http.host, cfg.supervisor.http.port)
+    server.start(sup)
     from supervisor_app import dashboard
 
     dashboard.start_sampler(sup)  # jobs/min history from the start, not the first view
-    pf = pid_file()
-    pf.parent.mkdir(parents=True, exist_ok=True)
-    pf.write_text(f"{os.getpid()}\n")
-    try:
-        return sup.run()
-    finally:
-        server.shutdown()
-        if pf.exists() and pf.read_text().strip() == str(os.getpid()):
-            pf.unlink()
+    return sup.run()
 
 
 def reload(args: argparse.Namespace) -> int:
     pf = pid_file()
+    if pf.exists() and not _locked(pf):
+        raise Failed(f"no running supervisor: {pf} is left from one that is gone")
     try:
         pid = send_reload(pf)
     except FileNotFoundError as exc:

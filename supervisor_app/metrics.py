@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 METRIC_NAMES = (
     "analysis_jobs_inflight", "ai_worker_retry_total", "ai_worker_failed_total",
     "jobvisor_queue_depth", "jobvisor_queue_lag_seconds", "jobvisor_job_duration_seconds",
-    "jobvisor_jobs_total", "jobvisor_worker_processes", "jobvisor_worker_restarts_total",
+    "jobvisor_jobs_total", "jobvisor_queue_unserved", "jobvisor_worker_processes",
+    "jobvisor_worker_restarts_total",
     "jobvisor_worker_resident_memory_bytes", "jobvisor_worker_cpu_seconds_total",
     "jobvisor_capacity_slots", "jobvisor_gpu_memory_free_bytes",
     "jobvisor_gpu_memory_total_bytes", "jobvisor_memory_available_bytes",
@@ -130,8 +131,15 @@ class SupervisorCollector:
             for status in STATUSES:
                 depth.add_metric([job_type, status], c.get(status, 0))
             lag.add_metric([job_type], c.get("oldest_queued_s", 0.0))
+        unserved = GaugeMetricFamily(
+            "jobvisor_queue_unserved",
+            "1 while a type has queued jobs and no live supervisor serves it",
+            labels=["job_type"])
+        for job_type in sorted(self.sup.duties.unserved):
+            unserved.add_metric([job_type], 1)
         yield depth
         yield lag
+        yield unserved
 
     def _readings(self) -> Iterator[Metric]:
         r = self.sup.readings

@@ -30,3 +30,13 @@ def live_supervisors(conn: psycopg.Connection) -> list[dict[str, Any]]:
         (LIVE_WITHIN_S,),
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def remove_stale(conn: psycopg.Connection, older_than_s: float) -> list[str]:
+    """Delete the rows of supervisors silent for `older_than_s` (crashed hosts)."""
+    rows = conn.execute(
+        "DELETE FROM jobvisor.supervisors "
+        "WHERE heartbeat_at < now() - make_interval(secs => %s) RETURNING id",
+        (older_than_s,),
+    ).fetchall()
+    return [r[0] for r in rows]

@@ -10,32 +10,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue as stdqueue
 import select
 import signal
 import socket
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from croniter import croniter
-
-from supervisor_app import children, registry_table
+from supervisor_app import children
 from supervisor_app.capacity import Readings, gpu_memory_by_pid, read_capacity
 from supervisor_app.children import Slot
 from supervisor_app.config import Config, ConfigError, diff_types, load_config
+from supervisor_app.duties import Duties
 from supervisor_app.planner import PlanEntry, Planner
 from workers import queue
-from workers.registry import BUILTINS, HandlerError, _entry_point_spec, load
+from workers.registry import HandlerError, load
+from workers.runtime import frames
 
 log = logging.getLogger("jobvisor.supervisor")
 
 TICK = 0.5  # longest sleep of the loop: bounds how stale readings of children get
-PUBLISH_EVERY = 2.0
-QUEUE_STATS_EVERY = 2.0
-CRON_CATCHUP_S = 3600.0  # a slot missed while no supervisor ran is caught up this long
+PUBLISH_EVERY = 2.0  # how often the loop hands the duties thread a fresh view to publish
+EXIT_LOOP_FAILED = 1  # the supervisor loop failed; its children were drained first
 
 
 class Supervisor:
@@ -62,11 +60,9 @@ class Supervisor:
         os.set_blocking(self.wake_w, False)
         self.draining = False
         self.forced = False
-        self.db: psycopg.Connection | None = None
-        self.db_ok = False
         self.due: dict[str, float] = {}
-        self.cron_last: dict[str, datetime] = {}
-        self.queue_stats: dict[str, dict[str, float]] = {}
+        self.queue_stats: dict[str, dict[str, float]] = {}  # written by the duties thread
+        self.duties = Duties(self)
         # (job_type, outcome, code) -> [count, seconds, bucket counts...] from children.
         self.outcomes: dict[tuple[str, str, str | None], list[float]] = {}
         self.restarts: dict[str, int] = {}
@@ -80,6 +76,19 @@ class Supervisor:
         self._install_signals()
         log.info("supervisor_started", extra={"types": sorted(self._types()),
                                               "config": str(self.cfg_path)})
+        self.duties.start()
+        try:
+            self._supervise()
+        except Exception as exc:  # noqa: BLE001 - never leave children behind
+            log.critical("supervisor_loop_failed", extra={
+                "exc_type": type(exc).__name__, "traceback": frames(exc)})
+            self._emergency_stop()
+            self._finish()
+            return EXIT_LOOP_FAILED
+        self._finish()
+        return 130 if self.forced else 0
+
+    def _supervise(self) -> None:
         while True:
             now = time.monotonic()
             self.last_tick = now
@@ -88,6 +97,7 @@ class Supervisor:
                 break
             self._read_children(now)
             self._reap(now)
+            self._settle_rescues(now)
             self._kill_silent_and_stuck(now)
             if not self.draining:
                 if self._due("replan", self.cfg.supervisor.replan, now):
@@ -97,8 +107,6 @@ class Supervisor:
                 self._start_due(now)
             self._duties(now)
             self._sleep()
-        self._finish()
-        return 130 if self.forced else 0
 
     def _types(self) -> dict[str, Any]:
         return {n: t for n, t in self.cfg.types.items()
@@ -217,36 +225,28 @@ class Supervisor:
                     continue
                 pid = s.proc.pid
                 self._read_children(now)  # its last report may still be in the pipe
-                held = self._rescue_child(s, pid, code)
+                worker_id, recycled = s.worker_id, s.recycled
                 restarts = s.restarts
-                children.after_exit(s, code, now, self.cfg.supervisor.restart, charged=held)
+                # A crash waits for its rescue's answer: whether it held jobs decides who
+                # pays (see children.settle_exit).
+                children.after_exit(s, code, now, self.cfg.supervisor.restart)
                 self.restarts[job_type] = self.restarts.get(job_type, 0) + s.restarts - restarts
+                if worker_id is not None:
+                    reason = f"{job_type}_memory_exceeded" if recycled else queue.WORKER_DIED
+                    self.duties.rescue_child(s, worker_id, pid, code, reason)
                 if s.retire or self.draining or job_type not in self._types():
                     slots.remove(s)
             if not slots and (self.draining or job_type not in self._types()):
                 del self.slots[job_type]
 
-    def _rescue_child(self, s: Slot, pid: int, code: int) -> int:
-        """Put a dead child's leased jobs back at once, not after their leases expire.
-
-        Returns how many it held (0 when it held none, or the database can't be asked).
-        A job it held alone is charged; several go back uncounted as suspects (queue).
-        """
-        if s.worker_id is None:
-            return 0
-        reason = f"{s.job_type}_memory_exceeded" if s.recycled else queue.WORKER_DIED
-        try:
-            rescued = queue.rescue_worker(self._db(), s.worker_id, code=reason)
-        except psycopg.Error as exc:
-            self._db_failed(exc)
-            return 0
-        if rescued:
-            log.warning("leases_rescued", extra={
-                "child_pid": pid, "exit_code": code, "code": reason,
-                "jobs": [r[0] for r in rescued],
-                "charged": [r[0] for r in rescued if r[3]],
-                "failed": [r[0] for r in rescued if r[2] == "failed"]})
-        return len(rescued)
+    def _settle_rescues(self, now: float) -> None:
+        """Apply the answers to dead children's rescues (from the duties thread)."""
+        while True:
+            try:
+                r = self.duties.results.get_nowait()
+            except stdqueue.Empty:
+                return
+            children.settle_exit(r.slot, r.held or 0, now, self.cfg.supervisor.restart)
 
     def _kill_silent_and_stuck(self, now: float) -> None:
         timeout = self.cfg.supervisor.child_heartbeat_timeout
@@ -345,7 +345,7 @@ class Supervisor:
     def _start_due(self, now: float) -> None:
         for job_type, slots in self.slots.items():
             for s in slots:
-                if s.proc is None and s.state == "backoff" and not s.retire \
+                if s.proc is None and s.state in ("backoff", "fatal") and not s.retire \
                         and now >= s.restart_at:
                     s.fingerprint = self.fingerprints[job_type]
                     try:
@@ -354,7 +354,8 @@ class Supervisor:
                         log.error("child_spawn_failed", extra={"job_type": job_type,
                                                                "error": type(exc).__name__})
                         s.started_at = now
-                        children.after_exit(s, -1, now, self.cfg.supervisor.restart)
+                        children.after_exit(s, -1, now, self.cfg.supervisor.restart,
+                                            awaiting_rescue=False)
 
     # --- periodic duties --------------------------------------------------------------------
     def _due(self, name: str, every: float, now: float) -> bool:
@@ -364,80 +365,15 @@ class Supervisor:
         return False
 
     def _duties(self, now: float) -> None:
-        q = self.cfg.queue
-        for name, every, duty in (
-            ("rescue", q.rescue_every, self._rescue_expired),
-            ("prune", q.prune_every, self._prune),
-            ("cron", 1.0, self._cron),
-            ("queue_stats", QUEUE_STATS_EVERY, self._queue_stats),
-            ("publish", PUBLISH_EVERY, self._publish),
-        ):
-            if self._due(name, every, now):
-                try:
-                    duty()
-                    self.db_ok = True
-                except psycopg.Error as exc:
-                    self._db_failed(exc)
+        """Database work runs in the duties thread; the loop only hands it a snapshot."""
+        if self._due("publish", PUBLISH_EVERY, now):
+            self.duties.state = self.view()
 
-    def _db(self) -> psycopg.Connection:
-        if self.db is None or self.db.closed:
-            self.db = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
-        return self.db
+    def served_types(self) -> set[str]:
+        return set(self._types())
 
-    def _db_failed(self, exc: Exception) -> None:
-        self.db_ok = False
-        log.error("database_error", extra={"exc_type": type(exc).__name__})
-        if self.db is not None:
-            self.db.close()
-        self.db = None
-
-    def _rescue_expired(self) -> None:
-        rescued = queue.rescue(self._db())
-        if rescued:
-            log.warning("leases_expired", extra={"jobs": [r[0] for r in rescued]})
-        known = set(self.cfg.types) | set(BUILTINS)
-        unknown = [t for t in self.queue_stats if t not in known and not _entry_point_spec(t)]
-        if unknown:
-            failed = queue.fail_unknown_types(self._db(), known | (set(self.queue_stats) - set(
-                unknown)))
-            if failed:
-                log.warning("unknown_job_types_failed", extra={
-                    "types": sorted({t for _, t in failed}), "count": len(failed)})
-
-    def _prune(self) -> None:
-        r = self.cfg.queue.retention
-        removed = queue.prune(self._db(), {"completed": r.completed, "failed": r.failed,
-                                           "cancelled": r.cancelled})
-        # Batch rows outlive their jobs, then go too.
-        queue.prune_batches(self._db(), max(r.completed, r.failed, r.cancelled))
-        if removed:
-            log.info("jobs_pruned", extra={"count": removed})
-
-    def _cron(self) -> None:
-        now = datetime.now(UTC)
-        for job_type, t in self._types().items():
-            if not t.schedule:
-                continue
-            slot = croniter(t.schedule, now).get_prev(datetime)
-            if self.cron_last.get(job_type) == slot:
-                continue
-            self.cron_last[job_type] = slot
-            if (now - slot).total_seconds() > CRON_CATCHUP_S:
-                continue
-            stamp = slot.strftime("%Y-%m-%dT%H:%MZ")
-            # A sticky key: the slot stays taken after its job finished, so a supervisor
-            # that arrives late (or a second host) never runs it again.
-            job_id = queue.enqueue(self._db(), queue.NewJob(
-                job_type, {"scheduled_for": stamp}, key=f"cron:{job_type}:{stamp}",
-                sticky_key=True, max_attempts=t.retry.max_attempts))
-            log.info("cron_enqueued", extra={"job_type": job_type, "slot": stamp,
-                                             "job_id": job_id})
-
-    def _queue_stats(self) -> None:
-        self.queue_stats = queue.status_counts(self._db())
-
-    def _publish(self) -> None:
-        registry_table.publish(self._db(), self.sup_id, self.host, os.getpid(), self.view())
+    def served_config(self) -> dict[str, Any]:
+        return self._types()
 
     # --- waiting --------------------------------------------------------------------------
     def _sleep(self) -> None:
@@ -446,7 +382,7 @@ class Supervisor:
         # Wake exactly when a restart's backoff ends: a job whose child died waits on it.
         now = time.monotonic()
         restarts = [s.restart_at for slots in self.slots.values() for s in slots
-                    if s.proc is None and s.state == "backoff" and not s.retire]
+                    if s.proc is None and s.state in ("backoff", "fatal") and not s.retire]
         timeout = max(0.0, min([TICK, *(r - now for r in restarts)]))
         try:
             ready, _, _ = select.select(fds, [], [], timeout)
@@ -463,11 +399,25 @@ class Supervisor:
         for slots in self.slots.values():
             for s in slots:
                 children.close_status(s)
-        with contextlib.suppress(psycopg.Error):
-            registry_table.withdraw(self._db(), self.sup_id)
-        if self.db is not None:
-            self.db.close()
+        self.duties.stop()  # answers outstanding rescues, withdraws our row
         log.info("supervisor_stopped", extra={"forced": self.forced})
+
+    def _emergency_stop(self) -> None:
+        """The loop failed: drain every child (grace, then kill) and rescue what they held."""
+        live = [s for slots in self.slots.values() for s in slots if s.proc is not None]
+        now = time.monotonic()
+        for s in live:
+            children.terminate(s, now, self.cfg.supervisor.grace)
+        deadline = now + self.cfg.supervisor.grace + 5.0
+        while any(s.proc.poll() is None for s in live) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for s in live:
+            children.kill(s)
+            with contextlib.suppress(Exception):
+                s.proc.wait(5)
+            if s.worker_id is not None:
+                self.duties.rescue_child(s, s.worker_id, s.proc.pid, s.proc.returncode or -9,
+                                         queue.WORKER_DIED)
 
     # --- views (status, metrics, health) -------------------------------------------------------
     def view(self) -> dict[str, Any]:
@@ -481,6 +431,10 @@ class Supervisor:
                          "reason": "paused by operator" if t in self.paused else e.reason}
                      for t, e in self.plan.items()},
             "paused": sorted(self.paused),
+            # The types this supervisor serves: queues no live supervisor serves are
+            # flagged (jobvisor_queue_unserved), never failed — see docs/runbook.md.
+            "types": sorted(self._types()),
+            "unserved": sorted(self.duties.unserved),
             "readings": None if r is None else {
                 "memory_available": r.memory_available, "memory_total": r.memory_total,
                 "cpu_count": r.cpu_count,
@@ -493,13 +447,20 @@ class Supervisor:
         }
 
     def health_checks(self) -> list[dict[str, Any]]:
-        fatal = sorted({s.job_type for slots in self.slots.values() for s in slots
-                        if s.state == "fatal"})
-        loop_age = time.monotonic() - self.last_tick
+        now = time.monotonic()
+        # Degraded while a slot is past its quick-failure limit, whether it is waiting
+        # to retry or trying again, until a run lasts `healthy_after`.
+        limit = self.cfg.supervisor.restart.max_quick_failures
+        fatal = sorted({s.job_type + (f" (retry in {max(0.0, s.restart_at - now):.0f}s)"
+                                      if s.state == "fatal" else " (retrying)")
+                        for slots in self.slots.values() for s in slots
+                        if s.quick_failures >= limit})
+        loop_age = now - self.last_tick
         return [
             {"name": "supervisor_loop", "ok": loop_age < 30, "detail": f"{loop_age:.1f}s"},
-            {"name": "database", "ok": self.db_ok, "detail": "reachable" if self.db_ok
-             else "unreachable"},
+            {"name": "database", "ok": self.duties.db_ok,
+             "detail": "reachable" if self.duties.db_ok
+             else f"unreachable ({self.duties.db_error or 'no answer yet'})"},
             {"name": "children", "ok": not fatal,
              "detail": "no fatal slots" if not fatal else "fatal: " + ",".join(fatal)},
         ]

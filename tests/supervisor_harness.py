@@ -62,8 +62,10 @@ class Supervisor:
              str(self.config_path)],
             env=self.env, cwd=REPO, stdout=open(self.log_path, "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT)
-        wait_for(lambda: self.get("/healthz") is not None or self.proc.poll() is not None,
-                 what="supervisor HTTP up")
+        # The port answers 503 "starting" while the supervisor migrates; up means checks.
+        wait_for(lambda: self.proc.poll() is not None
+                 or '"checks"' in ((self.get("/healthz") or (0, ""))[1]),
+                 what="supervisor up")
         assert self.proc.poll() is None, self.log()
         return self
 

@@ -95,7 +95,8 @@ def test_page_and_assets_are_served_from_the_package_with_a_strict_csp(local):
 def test_state_shows_queue_plan_children_and_failures_but_never_payload_text(local, db):
     failed = failed_job(db)
     queued = q.enqueue(db, q.NewJob("noop", {"text": SECRET}))
-    local._queue_stats()
+    with psycopg.connect(local.dsn, autocommit=True) as conn:
+        local.duties._queue_stats(conn)
     code, headers, state = call(local, "GET", "/ui/api/state")
     assert code == 200 and headers["Cache-Control"] == "no-store"
     assert state["mode"] == "readonly" and state["operator"] is False

@@ -639,7 +639,9 @@ def test_image_layout_imports_jobvisor_from_the_installed_copy(tmp_path):
 # --- environment variables -------------------------------------------------------------------
 
 ENV_MAPPINGS = {"env", "environ"}          # local names bound to os.environ (or a copy)
-NOT_OURS = {"PATH"}                         # read for locating binaries, set by the OS
+NOT_OURS = {"PATH",                         # read for locating binaries, set by the OS
+            # WSGI request keys (supervisor_app/http.py reads the request's environ)
+            "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "REQUEST_METHOD"}
 SCAN = ("supervisor_app", "workers")
 
 

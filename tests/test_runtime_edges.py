@@ -295,3 +295,23 @@ def test_jobs_finishing_during_an_outage_are_acked_or_put_back_once_the_server_a
         proxy.restore()
         assert stop(w) == 0
         proxy.close()
+
+
+def test_a_suspect_gets_its_turn_under_a_steady_backlog(db, worker_env, tmp_path):
+    db.execute(EFFECTS_DDL)
+    backlog = q.enqueue_many(db, [q.NewJob("rec", {"seconds": 0.1}) for _ in range(300)])
+    w = start_worker(worker_env, "rec", "--handler", "tests.handlers:record", "--concurrency",
+                     "2", "--prefetch", "2", "--poll", "0.5", log=tmp_path / "w.log")
+    try:
+        wait_for(lambda: db.execute("SELECT count(*) FROM effects").fetchone()[0] >= 10,
+                 what="backlog under way")
+        suspect = q.enqueue(db, q.NewJob("rec", {}))
+        db.execute("UPDATE jobvisor.jobs SET suspect = true WHERE id = %s", (suspect,))
+        wait_for(lambda: _job(db, suspect)["status"] == "completed", what="suspect run")
+        done = db.execute("SELECT count(*) FROM jobvisor.jobs WHERE id = ANY(%s) AND status ="
+                          " 'completed'", (backlog,)).fetchone()[0]
+        assert done < len(backlog)  # it did not wait for the backlog to end
+        wait_for(lambda: db.execute("SELECT count(*) FROM effects").fetchone()[0] == 301,
+                 what="all done")
+    finally:
+        assert stop(w) == 0

@@ -51,8 +51,8 @@ def test_always_crashing_child_backs_off_with_growing_gaps_then_turns_fatal(db, 
         assert gaps == [0.2, 0.4, 0.8]  # backoff 0.2 s doubling; the 4th quick failure: fatal
         status, body, _ = sup.get("/healthz")
         assert status == 503
-        assert {"name": "children", "ok": False, "detail": "fatal: crashy"} in \
-            json.loads(body)["checks"]
+        (check,) = [c for c in json.loads(body)["checks"] if c["name"] == "children"]
+        assert not check["ok"] and check["detail"].startswith("fatal: crashy (retry in ")
         _, text, _ = sup.get("/metrics")
         assert 'jobvisor_worker_processes{job_type="crashy",state="fatal"} 1.0' in text
         # The healthy type keeps working.
@@ -249,22 +249,27 @@ def test_operator_health_endpoint_requires_the_bearer_token(db, worker_env, tmp_
         assert sup.stop() == 0
 
 
-def test_two_supervisors_with_one_schedule_enqueue_one_job_per_slot(db, worker_env, tmp_path):
+def test_cluster_duties_run_on_one_elected_supervisor_and_the_other_takes_over(
+        db, worker_env, tmp_path):
     types = {"noop": {**SMALL, "schedule": "* * * * *", "processes": {"min": 1, "max": 1}}}
     a = Supervisor(tmp_path, worker_env, base_config(free_port(), types), "a").start()
+    wait_for(lambda: a.events("leadership_taken"), what="a elected")
     b = Supervisor(tmp_path, worker_env, base_config(free_port(), types), "b").start()
     try:
-        wait_for(lambda: a.events("cron_enqueued") and b.events("cron_enqueued"),
-                 what="both supervisors enqueueing the current slot")
+        wait_for(lambda: a.events("cron_enqueued"), what="the leader enqueueing the slot")
         wait_for(lambda: counts(db, "noop").get("completed", 0) >= 1, what="slot job ran")
-        slots_a = {e["slot"]: e["job_id"] for e in a.events("cron_enqueued")}
-        slots_b = {e["slot"]: e["job_id"] for e in b.events("cron_enqueued")}
-        for slot in slots_a.keys() & slots_b.keys():
-            assert slots_a[slot] == slots_b[slot]
+        assert not b.events("leadership_taken") and not b.events("cron_enqueued")
+        a.proc.kill()  # SIGKILL: its session, and with it the leader lock, goes away
+        a.proc.wait()
+        wait_for(lambda: b.events("leadership_taken"), what="b taking over")
+        # The new leader does the cluster duties: it rescues an expired lease.
+        q.enqueue(db, q.NewJob("other", {}))
+        q.lease(db, "other", 1, worker_id="gone:1:x", lease_seconds=0.01)
+        wait_for(lambda: b.events("leases_expired"), what="b rescuing the expired lease")
     finally:
-        assert a.stop() == 0 and b.stop() == 0
+        assert b.stop() == 0
     keys = db.execute("SELECT idempotency_key, count(*) FROM jobvisor.jobs "
-                      "GROUP BY 1").fetchall()
+                      "WHERE idempotency_key IS NOT NULL GROUP BY 1").fetchall()
     assert keys and all(n == 1 for _, n in keys)
 
 
@@ -402,3 +407,25 @@ def test_status_shows_plan_readings_and_children_of_a_running_supervisor(db, wor
     assert doc["plan"] == {"noop": {"processes": 2, "reason": "max reached"}}
     assert sorted(w["slot"] for w in doc["workers"]) == [0, 1]
     assert all(w["rss_bytes"] > 0 and w["state"] == "running" for w in doc["workers"])
+
+
+def test_a_fatal_slot_retries_by_itself_and_health_recovers_once_it_runs(db, worker_env,
+                                                                         tmp_path):
+    marker = tmp_path / "broken"
+    marker.write_text("x")
+    env = dict(worker_env, CRASHY_MARKER=str(marker))
+    cfg = base_config(free_port(), {
+        "crashy": {"handler": "tests.crashy:handle", **SMALL, "processes": {"min": 1, "max": 1}}})
+    sup = Supervisor(tmp_path, env, cfg).start()
+    try:
+        wait_for(lambda: sup.events("child_fatal"), what="slot turning fatal")
+        assert sup.get("/healthz")[0] == 503
+        _, text, _ = sup.get("/metrics")
+        assert 'jobvisor_worker_processes{job_type="crashy",state="fatal"} 1.0' in text
+        marker.unlink()  # the fault is fixed; no reload, no operator
+        wait_for(lambda: sup.get("/healthz")[0] == 200, what="health back after a healthy run")
+        assert len(sup.events("child_fatal")) == 1 and not sup.events("reloaded")
+        job_id = q.enqueue(db, q.NewJob("crashy", {}))
+        wait_for(lambda: q.get_job(db, job_id)["status"] == "completed", what="served again")
+    finally:
+        assert sup.stop() == 0

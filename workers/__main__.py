@@ -7,8 +7,10 @@ can't show in `ps`). The supervisor passes every other setting as flags.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
 import sys
 
 from workers import logs
@@ -17,6 +19,7 @@ from workers.registry import HandlerError, load
 from workers.runtime import Runtime, WorkerSettings
 
 EXIT_BAD_INPUT = 2
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,9 +55,25 @@ def _fail(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
+def _die_with_parent() -> None:
+    """Under a supervisor: have the kernel send SIGUSR2 when it dies (Linux), so a
+    supervisor killed with -9 leaves no child leasing on its own."""
+    parent = os.environ.get("JOBVISOR_PARENT_PID", "")
+    if not parent.isdigit():
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR2, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the runtime's parent check each loop still notices
+    if os.getppid() != int(parent):
+        sys.exit(0)  # it died before we asked: nothing leased yet, nothing to give back
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.configure()
+    _die_with_parent()
     if args.concurrency < 1:
         return _fail(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.heartbeat >= args.lease:

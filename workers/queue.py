@@ -196,6 +196,19 @@ RETURNING j.id, j.job_type, j.payload::text, j.attempts, j.max_attempts, j.lease
           j.priority, j.batch_id, j.suspect
 """
 
+_SUSPECT_WAITING = """
+SELECT EXISTS (SELECT 1 FROM jobvisor.jobs
+               WHERE job_type = %(type)s AND status = 'queued' AND suspect
+                 AND visible_at <= now())
+"""
+
+
+def suspect_waiting(conn: psycopg.Connection, job_type: str) -> bool:
+    """Whether a suspect of this type waits for a process that holds nothing (an index
+    probe of jobs_suspects: cheap whatever the backlog)."""
+    return bool(conn.execute(_SUSPECT_WAITING, {"type": job_type}).fetchone()[0])
+
+
 _LEASED_COUNT = """
 SELECT count(*) FROM jobvisor.jobs WHERE job_type = %(type)s AND status = 'leased'
 """
@@ -295,18 +308,47 @@ def save_progress(
     )
 
 
+# --- finished counts -------------------------------------------------------------------
+# Finished jobs are counted in jobvisor.job_counts (sql/007) by the very statement that
+# moves a job into a finished status or out of one, as a data-modifying CTE (always run,
+# referenced or not): the counts commit or roll back with the change, and reading them
+# needs no scan of the retained finished rows. Each (type, status) is summed over shards;
+# `jobvisor.count_shard` gives the writer one no other transaction holds, so concurrent
+# acknowledgements never wait on each other's counter row.
+
+FINISHED = ("completed", "failed", "cancelled")
+
+
+def _counted(rows: str, *, status: str = "status", sign: str = "") -> str:
+    """The CTE `counted` that adds (or, with sign '-', takes off) the finished rows of
+    CTE `rows`, by `job_type` and the `status` column named."""
+    return f"""counted AS (
+    INSERT INTO jobvisor.job_counts AS c (job_type, status, shard, n)
+    SELECT g.job_type, g.status, jobvisor.count_shard(g.job_type, g.status), g.n
+    FROM (SELECT job_type, {status} AS status, {sign}count(*) AS n FROM {rows}
+          WHERE {status} IN ('completed', 'failed', 'cancelled')
+          GROUP BY 1, 2) g
+    ORDER BY g.job_type, g.status
+    ON CONFLICT (job_type, status, shard) DO UPDATE SET n = c.n + excluded.n
+)"""
+
+
 # --- finishing (fenced) ---------------------------------------------------------------
 
 # Finishing statements stamp clock_timestamp(): a statement in a transaction that began
 # before the work (a handler's own) must still record when the job really finished.
-_COMPLETE = """
-UPDATE jobvisor.jobs j
-SET status = 'completed', result = d.result, progress = 1, lease_key = NULL,
-    leased_until = NULL, error_code = NULL, error_message = NULL,
-    finished_at = clock_timestamp(), updated_at = clock_timestamp()
-FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[], %(results)s::jsonb[]) AS d(id, lease_key, result)
-WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
-RETURNING j.id
+_COMPLETE = f"""
+WITH changed AS (
+    UPDATE jobvisor.jobs j
+    SET status = 'completed', result = d.result, progress = 1, lease_key = NULL,
+        leased_until = NULL, error_code = NULL, error_message = NULL,
+        finished_at = clock_timestamp(), updated_at = clock_timestamp()
+    FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[], %(results)s::jsonb[])
+         AS d(id, lease_key, result)
+    WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
+    RETURNING j.id, j.job_type, j.status
+), {_counted("changed")}
+SELECT id FROM changed
 """
 
 
@@ -368,32 +410,40 @@ def encode_result(result: Any) -> str | None:
 
 
 # Cancel wins: a job whose cancel was requested ends cancelled rather than running again.
-_RETRY_OR_FAIL = """
-UPDATE jobvisor.jobs j
-SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
-                  WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'queued' END,
-    visible_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts THEN j.visible_at
-                      ELSE clock_timestamp() + make_interval(secs => %(delay)s) END,
-    finished_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts
-                       THEN clock_timestamp() END,
-    lease_key = NULL, leased_until = NULL,
-    error_code = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE %(code)s END,
-    error_message = CASE WHEN j.cancel_requested THEN 'cancelled by request'
-                         ELSE %(message)s END,
-    errors = jobvisor.push_error(j.errors, j.attempts, %(code)s, %(message)s),
-    updated_at = clock_timestamp()
-WHERE j.id = %(id)s AND j.lease_key = %(key)s AND j.status = 'leased'
-RETURNING j.status
+# Counted by the new status, so only when the job did finish (not when queued again).
+_RETRY_OR_FAIL = f"""
+WITH changed AS (
+    UPDATE jobvisor.jobs j
+    SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
+                      WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'queued' END,
+        visible_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts
+                          THEN j.visible_at
+                          ELSE clock_timestamp() + make_interval(secs => %(delay)s) END,
+        finished_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts
+                           THEN clock_timestamp() END,
+        lease_key = NULL, leased_until = NULL,
+        error_code = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE %(code)s END,
+        error_message = CASE WHEN j.cancel_requested THEN 'cancelled by request'
+                             ELSE %(message)s END,
+        errors = jobvisor.push_error(j.errors, j.attempts, %(code)s, %(message)s),
+        updated_at = clock_timestamp()
+    WHERE j.id = %(id)s AND j.lease_key = %(key)s AND j.status = 'leased'
+    RETURNING j.job_type, j.status
+), {_counted("changed")}
+SELECT status FROM changed
 """
 
-_FAIL = """
-UPDATE jobvisor.jobs j
-SET status = %(status)s, finished_at = clock_timestamp(), lease_key = NULL,
-    leased_until = NULL, error_code = %(code)s, error_message = %(message)s,
-    errors = jobvisor.push_error(j.errors, j.attempts, %(code)s, %(message)s),
-    updated_at = clock_timestamp()
-WHERE j.id = %(id)s AND j.lease_key = %(key)s AND j.status = 'leased'
-RETURNING j.status
+_FAIL = f"""
+WITH changed AS (
+    UPDATE jobvisor.jobs j
+    SET status = %(status)s, finished_at = clock_timestamp(), lease_key = NULL,
+        leased_until = NULL, error_code = %(code)s, error_message = %(message)s,
+        errors = jobvisor.push_error(j.errors, j.attempts, %(code)s, %(message)s),
+        updated_at = clock_timestamp()
+    WHERE j.id = %(id)s AND j.lease_key = %(key)s AND j.status = 'leased'
+    RETURNING j.job_type, j.status
+), {_counted("changed")}
+SELECT status FROM changed
 """
 
 
@@ -440,7 +490,7 @@ def fail(
     return row is not None
 
 
-_PUT_BACK = """
+_PUT_BACK = f"""
 WITH back AS (
     UPDATE jobvisor.jobs j
     SET status = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE 'queued' END,
@@ -454,7 +504,7 @@ WITH back AS (
     FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[]) AS d(id, lease_key)
     WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
     RETURNING j.id, j.job_type, j.status
-)
+), {_counted("back")}
 -- Identical notifications in one transaction are delivered once.
 SELECT id, CASE WHEN status = 'queued' THEN pg_notify(jobvisor.jobs_channel(job_type), '') END
 FROM back
@@ -479,7 +529,7 @@ def put_back(conn: psycopg.Connection, leases: Sequence[tuple[int, uuid.UUID]], 
 
 # --- housekeeping (supervisor, CLI) -------------------------------------------------------
 
-_RESCUE = """
+_RESCUE = f"""
 WITH expired AS (
     SELECT id FROM jobvisor.jobs
     WHERE status = 'leased' AND leased_until < now()
@@ -499,7 +549,7 @@ WITH expired AS (
     FROM expired
     WHERE j.id = expired.id
     RETURNING j.id, j.job_type, j.status
-)
+), {_counted("changed")}
 SELECT c.id, c.job_type, c.status,
        CASE WHEN c.status = 'queued' THEN pg_notify(jobvisor.jobs_channel(c.job_type), '') END
 FROM changed c
@@ -510,7 +560,7 @@ FROM changed c
 # go back uncounted as suspects, and each then runs alone (see `lease`), so a second
 # death is charged to the one that caused it. Prefetched jobs count as held: the
 # database can't tell them from started ones, and a re-run alone costs them only a wait.
-_RESCUE_WORKER = """
+_RESCUE_WORKER = f"""
 WITH held AS (
     SELECT id FROM jobvisor.jobs
     WHERE status = 'leased' AND leased_by = %(by)s
@@ -540,7 +590,7 @@ WITH held AS (
     FROM held, alone a
     WHERE j.id = held.id
     RETURNING j.id, j.job_type, j.status, a.yes
-)
+), {_counted("changed")}
 SELECT c.id, c.job_type, c.status, c.yes,
        CASE WHEN c.status = 'queued' THEN pg_notify(jobvisor.jobs_channel(c.job_type), '') END
 FROM changed c
@@ -583,7 +633,7 @@ def rescue_worker(conn: psycopg.Connection, leased_by: str, *, code: str = WORKE
     return [(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
 
-_CANCEL = """
+_CANCEL = f"""
 WITH target AS (
     SELECT id, status FROM jobvisor.jobs WHERE id = %(id)s FOR UPDATE
 ), done AS (
@@ -593,8 +643,8 @@ WITH target AS (
         cancel_requested = (t.status = 'leased'), updated_at = now()
     FROM target t
     WHERE j.id = t.id AND t.status IN ('queued', 'leased')
-    RETURNING j.id, j.status
-)
+    RETURNING j.id, j.job_type, j.status
+), {_counted("done")}
 SELECT d.status, CASE WHEN d.status = 'leased'
                       THEN pg_notify('jobvisor_cancel', d.id::text) END
 FROM done d
@@ -612,13 +662,22 @@ def cancel(conn: psycopg.Connection, job_id: int) -> str | None:
     return "cancelled" if row[0] == "cancelled" else "cancel_requested"
 
 
-_RETRY_FAILED = """
-UPDATE jobvisor.jobs j
-SET status = 'queued', attempts = 0, visible_at = now(), finished_at = NULL,
-    cancel_requested = false, error_code = NULL, error_message = NULL,
-    result = NULL, progress = NULL, progress_note = NULL, updated_at = now()
-WHERE j.id = %(id)s AND j.status IN ('failed', 'cancelled')
-RETURNING j.id, pg_notify(jobvisor.jobs_channel(j.job_type), '')
+# Taken off the count of the status it leaves, read from the row it locked.
+_RETRY_FAILED = f"""
+WITH target AS (
+    SELECT id, status FROM jobvisor.jobs
+    WHERE id = %(id)s AND status IN ('failed', 'cancelled')
+    FOR UPDATE
+), changed AS (
+    UPDATE jobvisor.jobs j
+    SET status = 'queued', attempts = 0, visible_at = now(), finished_at = NULL,
+        cancel_requested = false, error_code = NULL, error_message = NULL,
+        result = NULL, progress = NULL, progress_note = NULL, updated_at = now()
+    FROM target t
+    WHERE j.id = t.id
+    RETURNING j.id, j.job_type, t.status AS was
+), {_counted("changed", status="was", sign="-")}
+SELECT id, pg_notify(jobvisor.jobs_channel(job_type), '') FROM changed
 """
 
 
@@ -631,36 +690,51 @@ def retry_failed(conn: psycopg.Connection, job_id: int) -> bool:
         return False
 
 
-_PRUNE = """
-DELETE FROM jobvisor.jobs
-WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM jobvisor.jobs
-    WHERE finished_at IS NOT NULL AND status = %(status)s
-      AND finished_at < now() - make_interval(secs => %(age)s)
-    LIMIT %(limit)s))
+_PRUNE = f"""
+WITH gone AS (
+    DELETE FROM jobvisor.jobs
+    WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM jobvisor.jobs
+        WHERE finished_at IS NOT NULL AND status = %(status)s
+          AND finished_at < now() - make_interval(secs => %(age)s)
+        LIMIT %(limit)s))
+    RETURNING job_type, status
+), {_counted("gone", sign="-")}
+SELECT count(*) FROM gone
 """
 
 
-def prune(conn: psycopg.Connection, retention: dict[str, float], *, limit: int = 10_000) -> int:
-    """Delete finished jobs older than their status's retention (seconds), in chunks."""
+def prune(conn: psycopg.Connection, retention: dict[str, float], *, limit: int = 10_000,
+          rounds: int | None = None) -> int:
+    """Delete finished jobs older than their status's retention (seconds), in chunks of
+    `limit`; with `rounds`, at most that many chunks per status (the caller goes on later)."""
     removed = 0
     for status, age in retention.items():
-        if status not in ("completed", "failed", "cancelled"):
+        if status not in FINISHED:
             raise ValueError(f"retention for unknown status {status!r}")
-        while True:
-            cur = conn.execute(_PRUNE, {"status": status, "age": float(age), "limit": limit})
-            removed += cur.rowcount
-            if cur.rowcount < limit:
+        done = 0
+        while rounds is None or done < rounds:
+            # Never prepared: a generic plan can't see the cutoff and, guessing a third
+            # of the rows old enough, may scan them all (see sql/007).
+            (n,) = conn.execute(_PRUNE, {"status": status, "age": float(age), "limit": limit},
+                                prepare=False).fetchone()
+            removed += n
+            done += 1
+            if n < limit:
                 break
     return removed
 
 
-_FAIL_UNKNOWN = """
-UPDATE jobvisor.jobs
-SET status = 'failed', finished_at = now(), error_code = 'UNKNOWN_JOB_TYPE',
-    error_message = 'no handler is registered for job type ' || job_type, updated_at = now()
-WHERE status = 'queued' AND NOT (job_type = ANY(%(known)s))
-RETURNING id, job_type
+_FAIL_UNKNOWN = f"""
+WITH changed AS (
+    UPDATE jobvisor.jobs
+    SET status = 'failed', finished_at = now(), error_code = 'UNKNOWN_JOB_TYPE',
+        error_message = 'no handler is registered for job type ' || job_type,
+        updated_at = now()
+    WHERE status = 'queued' AND NOT (job_type = ANY(%(known)s))
+    RETURNING id, job_type, status
+), {_counted("changed")}
+SELECT id, job_type FROM changed
 """
 
 
@@ -671,16 +745,27 @@ def fail_unknown_types(conn: psycopg.Connection, known: Iterable[str]) -> list[t
 
 # --- reading -----------------------------------------------------------------------------
 
+# Live jobs through the partial indexes over their statuses (jobs_lease_order, jobs_leased);
+# finished ones from their counts. One statement: one snapshot, so the figures agree.
 _COUNTS = """
-SELECT job_type, status, count(*),
-       extract(epoch FROM now() - min(visible_at) FILTER (
-           WHERE status = 'queued' AND visible_at <= now()))
-FROM jobvisor.jobs GROUP BY job_type, status
+SELECT job_type, 'queued', count(*),
+       extract(epoch FROM now() - min(visible_at) FILTER (WHERE visible_at <= now()))
+FROM jobvisor.jobs WHERE status = 'queued' GROUP BY job_type
+UNION ALL
+SELECT job_type, 'leased', count(*), NULL
+FROM jobvisor.jobs WHERE status = 'leased' GROUP BY job_type
+UNION ALL
+SELECT job_type, status, sum(n)::bigint, NULL
+FROM jobvisor.job_counts GROUP BY job_type, status HAVING sum(n) <> 0
 """
 
 
 def status_counts(conn: psycopg.Connection) -> dict[str, dict[str, float]]:
-    """Per type: counts by status and the age of the oldest visible queued job."""
+    """Per type: counts by status and the age of the oldest visible queued job.
+
+    Reads no finished row: finished counts are kept in jobvisor.job_counts (sql/007), so
+    this stays cheap however many finished jobs retention keeps.
+    """
     out: dict[str, dict[str, float]] = {}
     for job_type, status, count, oldest in conn.execute(_COUNTS).fetchall():
         entry = out.setdefault(job_type, {s: 0 for s in STATUSES} | {"oldest_queued_s": 0.0})
@@ -839,14 +924,20 @@ WHERE id = ANY(ARRAY(
 """
 
 
-def prune_batches(conn: psycopg.Connection, age: float, *, limit: int = 10_000) -> int:
-    """Delete batches finished longer than `age` seconds ago, in chunks."""
+def prune_batches(conn: psycopg.Connection, age: float, *, limit: int = 10_000,
+                  rounds: int | None = None) -> int:
+    """Delete batches finished longer than `age` seconds ago, in chunks (at most
+    `rounds` of them when given)."""
     removed = 0
-    while True:
-        cur = conn.execute(_PRUNE_BATCHES, {"age": float(age), "limit": limit})
+    done = 0
+    while rounds is None or done < rounds:
+        cur = conn.execute(_PRUNE_BATCHES, {"age": float(age), "limit": limit},
+                           prepare=False)  # a plan that sees the cutoff, as prune's
         removed += cur.rowcount
+        done += 1
         if cur.rowcount < limit:
-            return removed
+            break
+    return removed
 
 
 # --- webhook deliveries ---------------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool.base import AttemptWithBackoff
 
 from workers import queue
 from workers.context import Job, JobContext
@@ -55,7 +56,29 @@ LOOP_ERRORS_MAX = 20  # consecutive unexpected loop failures before the child gi
 
 # Reasons after which a thread's own outcome no longer counts: the loop settled the job
 # (timeout, grace expired) or the lease is gone.
-LOST = ("lease_lost", "timeout", "shutdown", "memory")
+LOST = ("lease_lost", "timeout", "shutdown", "memory", "orphaned")
+# Without a supervisor nobody rescues what a child holds: it finishes what it can in this
+# long (at most its grace), puts the rest back and exits.
+ORPHAN_GRACE = 5.0
+
+
+class _QuickAttempt(AttemptWithBackoff):
+    """psycopg_pool retries a failed connection with a delay doubling without bound
+    (1, 2, 4 … 64 s): after a 75 s outage its next try came ~50 s after the server was
+    back. Capped, a pooled connection returns within RECONNECT_MAX of the server."""
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, RECONNECT_MAX)
+
+
+class _Pool(ConnectionPool):
+    # Relies on psycopg_pool's internal _add_connection(attempt, growing): pinned <3.4.
+    def _add_connection(self, attempt: AttemptWithBackoff | None,
+                        growing: bool = False) -> None:
+        if attempt is None:
+            attempt = _QuickAttempt(timeout=self.reconnect_timeout)
+        super()._add_connection(attempt, growing=growing)
 
 
 def new_worker_id() -> str:
@@ -130,8 +153,10 @@ class Runtime:
         self.dsn = dsn
         self.s = settings
         self.handler = handler
-        self.pool = ConnectionPool(
+        self.pool = _Pool(
             dsn, min_size=1, max_size=settings.concurrency + 1, open=False,
+            # Never give up on the server: an outage ends, and the pool must be there.
+            reconnect_timeout=365 * 86400.0,
             kwargs={"autocommit": False}, name=f"jobvisor-{settings.job_type}",
             # A connection the server dropped (restart, failover) is replaced, not handed out.
             check=ConnectionPool.check_connection,
@@ -157,6 +182,8 @@ class Runtime:
         self.closing = False
         self.threads: list[threading.Thread] = []
         self.status = StatusPipe.from_env()
+        parent = os.environ.get("JOBVISOR_PARENT_PID", "")
+        self.parent_pid = int(parent) if parent.isdigit() else None
 
     # --- lifecycle ------------------------------------------------------------------
     def run(self) -> int:
@@ -197,6 +224,9 @@ class Runtime:
         # The supervisor recycles a child over its memory limit with SIGUSR1: a job still
         # running when the grace ends is charged for it (see _give_up).
         signal.signal(signal.SIGUSR1, lambda *_: self.stop(reason="memory"))
+        # The kernel sends SIGUSR2 when the supervisor dies (PR_SET_PDEATHSIG, set by
+        # workers.__main__): stop leasing, finish or put back what is held, exit.
+        signal.signal(signal.SIGUSR2, lambda *_: self.stop(reason="orphaned"))
 
     # --- the loop ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -208,12 +238,14 @@ class Runtime:
         want_more = True
         drain_deadline: float | None = None
         errors = 0
+        clearing = False  # a suspect waits: take nothing more until empty, then lease alone
+        next_suspect_check = 0.0
         while True:
             now = time.monotonic()
             self._take_inbox()
-            if self.status.parent_gone and not self.stopping:
+            if not self.stopping and self._orphaned():
                 log.warning("supervisor_gone", extra={"held": len(self.held)})
-                self.stop()
+                self.stop(reason="orphaned")
             try:
                 if self._connected(now):
                     self._write_owed()
@@ -226,7 +258,9 @@ class Runtime:
                 self._enforce_timeouts(now)
                 if self.stopping:
                     if drain_deadline is None:
-                        drain_deadline = now + s.grace
+                        grace = s.grace if self.stop_reason != "orphaned" \
+                            else min(s.grace, ORPHAN_GRACE)
+                        drain_deadline = now + grace
                         self._drain_todo()
                         log.info("worker_draining", extra={"held": len(self.held),
                                                            "reason": self.stop_reason})
@@ -237,13 +271,23 @@ class Runtime:
                         break
                 elif self.notified or want_more or now >= next_poll:
                     free = capacity - len(self.held)
-                    if self._holding_suspect():
+                    if self._holding_suspect() or (clearing and self.held):
                         want_more = True  # lease again as soon as it is done
                     elif free > 0 and self._connected(now):
                         self.notified = False
                         got = self._lease(free)
                         want_more = len(got) == free or any(j.suspect for j in got)
                         next_poll = now + s.poll
+                        clearing = False
+                # Under a steady backlog a process is never empty, so a suspect (which
+                # runs only alone) would wait for the backlog to end: every few seconds a
+                # busy process asks, and when one waits it takes no more until it is
+                # empty, then leases alone.
+                if not self.stopping and self.held and not clearing \
+                        and now >= next_suspect_check and self._connected(now):
+                    next_suspect_check = now + max(s.poll, 2.0)
+                    clearing = not self._holding_suspect() \
+                        and queue.suspect_waiting(self.db, s.job_type)
                 errors = 0
             except psycopg.OperationalError as exc:
                 self._control_lost(exc)
@@ -268,6 +312,13 @@ class Runtime:
                 deadline = min(deadline, drain_deadline)
             self.wake.wait(max(0.0, deadline - time.monotonic()))
             self.wake.clear()
+
+    def _orphaned(self) -> bool:
+        """The supervisor is gone: its end of the status pipe closed, or we were
+        re-parented (the check that needs no signal, for a death before prctl)."""
+        if self.status.parent_gone:
+            return True
+        return self.parent_pid is not None and os.getppid() != self.parent_pid
 
     # --- the control connection ------------------------------------------------------------
     def _connected(self, now: float) -> bool:
@@ -712,6 +763,10 @@ class Runtime:
                 log.info("job_cancelled", extra={"job_id": lj.id})
                 return ("cancelled" if ok else "lost"), "cancelled"
             return cancel
+        if isinstance(error, psycopg.OperationalError | PoolTimeout):
+            # The database went away under the handler: not the job's fault. It goes back
+            # uncounted (written once the server answers, if need be).
+            return self._put_back_write(run)
         if isinstance(error, JobError):
             code, message = error.code, error.message
             permanent = isinstance(error, PermanentError)
