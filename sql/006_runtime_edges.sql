@@ -19,8 +19,8 @@ ALTER TABLE jobvisor.jobs ADD COLUMN errors jsonb
 CREATE INDEX jobs_suspects ON jobvisor.jobs (job_type, priority DESC, visible_at, id)
     WHERE status = 'queued' AND suspect;
 
--- The leased jobs of one worker process (rescue at its death).
-CREATE INDEX jobs_leased_by ON jobvisor.jobs (leased_by) WHERE status = 'leased';
+-- (A dead worker's leases are found through jobs_leased: leased rows are few, and one
+-- more index on every lease and acknowledgement would cost the hot path.)
 
 -- One attempt's error appended to the history, which keeps the last 10 (each message is
 -- already clipped to 1024 characters by the CHECK on error_message's writers).

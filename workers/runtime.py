@@ -51,6 +51,8 @@ STATUS_INTERVAL = 1.0
 RECONNECT_MAX = 2.0  # seconds between reconnect tries: back within seconds of the server
 CONNECT_TIMEOUT = 3  # seconds one reconnect try may block the loop
 GETCONN_TIMEOUT = 5.0  # a thread waiting for a pooled connection hands its write over
+ACK_BATCH = 100  # acknowledgements sent together at most this many…
+ACK_WAIT = 0.002  # …or once the oldest has waited this long (seconds)
 LONG_TRANSACTION = 5.0  # a handler held its completing transaction open this long: warn
 LOOP_ERRORS_MAX = 20  # consecutive unexpected loop failures before the child gives up
 
@@ -164,6 +166,8 @@ class Runtime:
         # --- owned by the control loop only ---
         self.held: dict[int, _Running] = {}
         self.acks: list[tuple[_Running, str | None]] = []
+        self.acks_since: float | None = None  # when the oldest waiting ack arrived
+        self.suspects_held = 0  # held jobs that are suspects (then nothing else is leased)
         self.owed: list[tuple[_Running, Write]] = []
         self.unstarted: list[_Running] = []
         self.control: psycopg.Connection | None = None
@@ -250,7 +254,8 @@ class Runtime:
                 if self._connected(now):
                     self._write_owed()
                     self._put_back_unstarted()
-                    self._flush_acks()
+                    if self._acks_due(now):
+                        self._flush_acks()
                     if now >= next_heartbeat:
                         self._heartbeat(now)
                         next_heartbeat = now + s.heartbeat
@@ -304,6 +309,8 @@ class Runtime:
                 self._report_status()
                 next_status = now + STATUS_INTERVAL
             deadline = min(next_heartbeat, next_status, now + 1.0)
+            if self.acks_since is not None:
+                deadline = min(deadline, self.acks_since + ACK_WAIT)
             if self.control is None:
                 deadline = min(deadline, self.reconnect_at)
             if not self.stopping and not self.notified and not want_more:
@@ -380,7 +387,8 @@ class Runtime:
 
     def _settle(self, run: _Running, outcome: str | None, code: str | None = None) -> None:
         """The job's outcome is written (or it is no longer ours): forget it."""
-        self.held.pop(run.id, None)
+        if self.held.pop(run.id, None) is not None and run.leased.suspect:
+            self.suspects_held -= 1
         if outcome == "lost":
             log.warning("lease_lost", extra={"job_id": run.id, "stage": "complete"})
         elif outcome is not None and outcome != "put_back":
@@ -410,9 +418,20 @@ class Runtime:
             self._settle(r, "put_back")
         log.info("jobs_put_back", extra={"count": len(runs), "reason": "unstarted"})
 
+    def _acks_due(self, now: float) -> bool:
+        """Acknowledge when ACK_BATCH are waiting or the oldest has waited ACK_WAIT: under
+        load the loop would otherwise send one statement per finished job."""
+        if not self.acks:
+            return False
+        if self.acks_since is None:
+            self.acks_since = now
+        return (len(self.acks) >= ACK_BATCH or self.stopping
+                or now - self.acks_since >= ACK_WAIT)
+
     def _flush_acks(self) -> None:
         if not self.acks:
             return
+        self.acks_since = None
         acks, self.acks = self.acks, []
         try:
             done = queue.complete_many(
@@ -449,7 +468,7 @@ class Runtime:
 
     # --- leases ----------------------------------------------------------------------------
     def _holding_suspect(self) -> bool:
-        return any(r.leased.suspect for r in self.held.values())
+        return self.suspects_held > 0
 
     def _lease(self, n: int) -> list[queue.LeasedJob]:
         jobs = queue.lease(
@@ -468,6 +487,7 @@ class Runtime:
                              self._max_attempts_for)
             run = _Running(lj, ctx, lease_until=until)
             self.held[lj.id] = run
+            self.suspects_held += lj.suspect
             self.todo.put(run)
         return jobs
 
@@ -576,6 +596,7 @@ class Runtime:
             log.warning("jobs_put_back", extra={"count": len(back), "reason": "grace_expired",
                                                 "suspects": as_suspects})
         self.held.clear()
+        self.suspects_held = 0
         return True
 
     def _shutdown(self) -> None:
