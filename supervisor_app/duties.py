@@ -81,7 +81,9 @@ class Duties:
         self.db_ok_at: float | None = None  # monotonic time of the last answered probe
         self.db_error: str | None = None
         self.due: dict[str, float] = {}
-        self.cron_last: dict[str, datetime] = {}
+        self.cron_last: dict[tuple[str, str], datetime] = {}
+        # (type, schedule) -> max attempts, as the live supervisors publish them.
+        self.cluster_schedules: dict[tuple[str, str], int] = {}
         self.state: dict[str, Any] | None = None  # what to publish next (from the loop)
         self.unserved: set[str] = set()
         self.reconnect_at = 0.0
@@ -218,8 +220,12 @@ class Duties:
         stats = queue.status_counts(conn)
         self.sup.queue_stats = stats
         served: set[str] = set()
+        schedules: dict[tuple[str, str], int] = {}
         for state in registry_table.live_supervisors(conn):
             served.update(state.get("types") or [])
+            for t, entry in (state.get("schedules") or {}).items():
+                schedules[(t, entry["schedule"])] = int(entry.get("max_attempts") or 1)
+        self.cluster_schedules = schedules
         served.update(self.sup.served_types())
         unserved = {t for t, c in stats.items() if c.get("queued") and t not in served}
         for t in sorted(unserved - self.unserved):
@@ -268,24 +274,28 @@ class Duties:
     def _cron(self, conn: psycopg.Connection,
               clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         now = clock()
+        # Our own schedules and those every live supervisor publishes: in a mixed fleet
+        # the leader may not serve a scheduled type itself.
+        schedules = dict(self.cluster_schedules)
         for job_type, t in self.sup.served_config().items():
-            if not t.schedule:
-                continue
-            slot = croniter(t.schedule, now).get_prev(datetime)
-            if self.cron_last.get(job_type) == slot:
+            if t.schedule:
+                schedules[(job_type, t.schedule)] = t.retry.max_attempts
+        for (job_type, schedule), max_attempts in sorted(schedules.items()):
+            slot = croniter(schedule, now).get_prev(datetime)
+            if self.cron_last.get((job_type, schedule)) == slot:
                 continue
             if (now - slot).total_seconds() > CRON_CATCHUP_S:
-                self.cron_last[job_type] = slot
+                self.cron_last[(job_type, schedule)] = slot
                 continue
             stamp = slot.strftime("%Y-%m-%dT%H:%MZ")
-            # A sticky key: the slot stays taken after its job finished, so a supervisor
-            # that arrives late (or a second host) never runs it again.
+            # A sticky key: the slot stays taken after its job finished, so a new leader
+            # (or a late one) never runs it again.
             job_id = queue.enqueue(conn, queue.NewJob(
                 job_type, {"scheduled_for": stamp}, key=f"cron:{job_type}:{stamp}",
-                sticky_key=True, max_attempts=t.retry.max_attempts))
+                sticky_key=True, max_attempts=max_attempts))
             # Only now, with the enqueue committed, is the slot taken: a database error
             # above leaves it for the next round.
-            self.cron_last[job_type] = slot
+            self.cron_last[(job_type, schedule)] = slot
             log.info("cron_enqueued", extra={"job_type": job_type, "slot": stamp,
                                              "job_id": job_id})
 

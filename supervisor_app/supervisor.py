@@ -434,6 +434,9 @@ class Supervisor:
             # The types this supervisor serves: queues no live supervisor serves are
             # flagged (jobvisor_queue_unserved), never failed — see docs/runbook.md.
             "types": sorted(self._types()),
+            # The elected supervisor runs every live host's schedules (duties._cron).
+            "schedules": {n: {"schedule": t.schedule, "max_attempts": t.retry.max_attempts}
+                          for n, t in self._types().items() if t.schedule},
             "unserved": sorted(self.duties.unserved),
             "readings": None if r is None else {
                 "memory_available": r.memory_available, "memory_total": r.memory_total,

@@ -197,3 +197,22 @@ def test_rows_of_supervisors_silent_past_the_timeout_are_removed(db):
                " WHERE id = 'dead:1'")
     assert registry_table.remove_stale(db, 60) == ["dead:1"]
     assert [r[0] for r in db.execute("SELECT id FROM jobvisor.supervisors")] == ["live:2"]
+
+
+def test_the_leader_runs_the_schedule_of_a_type_only_another_host_serves(db, worker_env,
+                                                                         tmp_path):
+    a = Supervisor(tmp_path, worker_env, base_config(free_port(), {
+        "noop": {**SMALL, "processes": {"min": 1, "max": 1}}}), "a").start()
+    b = None
+    try:
+        wait_for(lambda: a.events("leadership_taken"), what="a elected")
+        b = Supervisor(tmp_path, worker_env, base_config(free_port(), {
+            "sleep": {**SMALL, "schedule": "* * * * *", "processes": {"min": 1, "max": 1}}}),
+            "b").start()
+        wait_for(lambda: [e for e in a.events("cron_enqueued") if e["job_type"] == "sleep"],
+                 what="the leader enqueueing b's schedule")
+        assert not b.events("leadership_taken") and not b.events("cron_enqueued")
+    finally:
+        if b is not None:
+            assert b.stop() == 0
+        assert a.stop() == 0
