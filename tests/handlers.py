@@ -86,3 +86,13 @@ def db_then_sleep(job: Job, ctx: JobContext) -> dict:
             "INSERT INTO effects (job_id, attempt, pid) VALUES (%s, %s, pg_backend_pid())",
             (job.id, job.attempt))
     return {"attempt": job.attempt}
+
+
+def marked_sleep(job: Job, ctx: JobContext) -> dict:
+    """Touch `<dir>/<job id>` when started (so a test knows the job runs), then sleep."""
+    from pathlib import Path
+
+    payload = job.payload if isinstance(job.payload, dict) else {}
+    (Path(payload["dir"]) / str(job.id)).touch()
+    ctx.sleep(float(payload.get("seconds", 0)))
+    return {"slept": payload.get("seconds", 0)}

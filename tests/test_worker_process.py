@@ -103,10 +103,14 @@ def test_worker_sleeping_on_listen_starts_new_job_without_waiting_for_poll(db, w
         stop(p)
 
 
-def test_sigterm_with_jobs_in_flight_loses_none(db, worker_env):
-    ids = q.enqueue_many(db, [q.NewJob("sleep", {"seconds": 0.5}) for _ in range(12)])
-    p = start_worker(worker_env, "sleep", "--concurrency", "4", "--prefetch", "4")
+def test_sigterm_with_jobs_in_flight_loses_none(db, worker_env, tmp_path):
+    ids = q.enqueue_many(db, [q.NewJob("sleep", {"seconds": 0.5, "dir": str(tmp_path)})
+                              for _ in range(12)])
+    p = start_worker(worker_env, "sleep", "--concurrency", "4", "--prefetch", "4",
+                     "--handler", "tests.handlers:marked_sleep")
     wait_for(lambda: counts(db, "sleep").get("leased") == 8, what="8 jobs held")
+    # SIGTERM only once four jobs run: those finish; the four prefetched go back.
+    wait_for(lambda: len(list(tmp_path.iterdir())) >= 4, what="4 jobs started")
     assert stop(p, signal.SIGTERM) == 0
     c = counts(db, "sleep")
     assert c.get("leased", 0) == 0 and c.get("failed", 0) == 0
