@@ -35,6 +35,7 @@ from croniter import croniter
 
 from supervisor_app import registry_table
 from workers import queue
+from workers.runtime import frames
 
 if TYPE_CHECKING:
     from supervisor_app.supervisor import Supervisor
@@ -116,7 +117,9 @@ class Duties:
             try:
                 self._round(time.monotonic())
             except Exception as exc:  # noqa: BLE001 - a duty's bug must not end the duties
-                log.exception("duty_failed", extra={"exc_type": type(exc).__name__})
+                # Frames only: an exception's text may quote row values.
+                log.error("duty_failed", extra={"exc_type": type(exc).__name__,
+                                                "traceback": frames(exc)})
                 self._lost(exc)
             self.wake.wait(TICK)
             self.wake.clear()
