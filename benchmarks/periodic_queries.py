@@ -14,7 +14,7 @@ Each query the supervisor repeats is then timed `--repeats` times on one autocom
 connection (after a warm-up), client clock around the call, loopback round trip included:
 `status_counts` (every 2 s, every host), `publish` + `live_supervisors` (every 2 s, every
 host), `rescue` with nothing expired and `prune` / `prune_batches` with nothing old
-enough (the elected host), and the unknown-type sweep with every type known. For
+enough (the elected host). For
 comparison, the full-scan GROUP BY that `status_counts` used before sql/007 is timed a
 few times. Each statement's plan is checked for a sequential scan of jobvisor.jobs.
 
@@ -181,7 +181,6 @@ def run(args: argparse.Namespace) -> None:
 def _measure(conn: psycopg.Connection, args: argparse.Namespace) -> dict[str, Any]:
     sup_id = f"bench-{uuid.uuid4().hex[:8]}"
     state = {"types": [f"type_{i}" for i in range(args.types)], "workers": [], "plan": {}}
-    known = [f"type_{i}" for i in range(args.types)]
     calls: dict[str, Callable[[], Any]] = {
         "status_counts": lambda: queue.status_counts(conn),
         "publish": lambda: registry_table.publish(conn, sup_id, "bench", os.getpid(), state),
@@ -192,7 +191,6 @@ def _measure(conn: psycopg.Connection, args: argparse.Namespace) -> dict[str, An
             conn, {status: age}, limit=5000)) for status, age in RETENTION.items()},
         "prune": lambda: queue.prune(conn, RETENTION, limit=5000),
         "prune_batches": lambda: queue.prune_batches(conn, max(RETENTION.values())),
-        "fail_unknown_types": lambda: queue.fail_unknown_types(conn, known),
     }
     # The statements behind them, for their plans.
     statements: dict[str, tuple[str, dict[str, Any]]] = {
@@ -200,7 +198,6 @@ def _measure(conn: psycopg.Connection, args: argparse.Namespace) -> dict[str, An
         "rescue_expired": (queue._RESCUE, {"code": "x", "message": "x"}),
         "prune_batches": (queue._PRUNE_BATCHES, {"age": max(RETENTION.values()),
                                                  "limit": 5000}),
-        "fail_unknown_types": (queue._FAIL_UNKNOWN, {"known": known}),
     }
     for status, age in RETENTION.items():
         statements[f"prune_{status}"] = (queue._PRUNE, {"status": status, "age": age,

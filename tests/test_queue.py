@@ -243,14 +243,6 @@ def test_cancel_queued_and_running_and_retry_failed(db):
     assert not q.retry_failed(db, queued)
 
 
-def test_unknown_types_fail_with_code(db):
-    good = q.enqueue(db, q.NewJob("noop", {}))
-    bad = q.enqueue(db, q.NewJob("no_such_type", {}))
-    assert q.fail_unknown_types(db, ["noop"]) == [(bad, "no_such_type")]
-    assert q.get_job(db, bad)["error_code"] == "UNKNOWN_JOB_TYPE"
-    assert q.get_job(db, good)["status"] == "queued"
-
-
 def test_prune_removes_only_old_finished_rows(db):
     ids = q.enqueue_many(db, [q.NewJob("noop", {}) for _ in range(4)])
     jobs = q.lease(db, "noop", 3, worker_id="w", lease_seconds=30)

@@ -725,24 +725,6 @@ def prune(conn: psycopg.Connection, retention: dict[str, float], *, limit: int =
     return removed
 
 
-_FAIL_UNKNOWN = f"""
-WITH changed AS (
-    UPDATE jobvisor.jobs
-    SET status = 'failed', finished_at = now(), error_code = 'UNKNOWN_JOB_TYPE',
-        error_message = 'no handler is registered for job type ' || job_type,
-        updated_at = now()
-    WHERE status = 'queued' AND NOT (job_type = ANY(%(known)s))
-    RETURNING id, job_type, status
-), {_counted("changed")}
-SELECT id, job_type FROM changed
-"""
-
-
-def fail_unknown_types(conn: psycopg.Connection, known: Iterable[str]) -> list[tuple[int, str]]:
-    """Fail queued jobs of types no handler serves, so they don't wait forever."""
-    return [tuple(r) for r in conn.execute(_FAIL_UNKNOWN, {"known": list(known)}).fetchall()]
-
-
 # --- reading -----------------------------------------------------------------------------
 
 # Live jobs through the partial indexes over their statuses (jobs_lease_order, jobs_leased);
