@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -56,3 +57,16 @@ def counts(conn: psycopg.Connection, job_type: str | None = None) -> dict[str, i
         sql += " WHERE job_type = %s"
         params = (job_type,)
     return dict(conn.execute(sql + " GROUP BY status", params).fetchall())
+
+
+def log_events(text: str, name: str) -> list[dict[str, Any]]:
+    """The JSON log records of event `name` in `text` (other lines are skipped)."""
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("event") == name:
+            out.append(rec)
+    return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from typing import Any
 import psycopg
 import yaml
 
-from tests.helpers import stop, wait_for
+from tests.helpers import log_events, stop, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,15 +76,7 @@ class Supervisor:
         return self.log_path.read_text(errors="replace")
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("event") == name:
-                out.append(rec)
-        return out
+        return log_events(self.log(), name)
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 
 from tests.handlers import EFFECTS_DDL
-from tests.helpers import start_worker, stop, wait_for
+from tests.helpers import log_events, start_worker, stop, wait_for
 from tests.tcp_proxy import TcpProxy
 from workers import queue as q
 from workers.registry import load
@@ -28,15 +28,7 @@ def _job(db: psycopg.Connection, job_id: int) -> dict:
 
 
 def _events(log: Path, name: str) -> list[dict]:
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("event") == name:
-            out.append(rec)
-    return out
+    return log_events(log.read_text(errors="replace"), name)
 
 
 def test_a_payload_the_worker_cannot_decode_fails_alone_as_payload_invalid(db, worker_env,
