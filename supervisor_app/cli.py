@@ -154,8 +154,7 @@ def _print_ids(ids: list[int]) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     with _connect(args) as conn:
         queues = queue.status_counts(conn)
-        workers, plan, readings = _supervisor_view(conn)
-        served = _served_types(conn)
+        workers, plan, readings, served = _supervisor_view(conn)
         # Text only: the --json shape is a documented contract (DESIGN.md).
         running = [] if args.json else queue.running_jobs(conn, limit=20)
     # Queues with jobs waiting that no live supervisor serves (kept, never failed for it).
@@ -192,29 +191,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _served_types(conn: psycopg.Connection) -> set[str]:
-    from supervisor_app.registry_table import live_supervisors
-
-    return {t for state in live_supervisors(conn) for t in state.get("types") or []}
-
-
 def _supervisor_view(
     conn: psycopg.Connection,
-) -> tuple[list[dict], dict[str, dict], list[tuple[str, dict]]]:
-    """Workers, plan and machine readings of live supervisors (published in the database)."""
-    from supervisor_app.registry_table import live_supervisors
+) -> tuple[list[dict], dict[str, dict], list[tuple[str, dict]], set[str]]:
+    """Workers, plan, machine readings and served types of live supervisors (published
+    in the database)."""
+    from supervisor_app.registry_table import live_supervisors, served_types
 
     workers: list[dict] = []
     plan: dict[str, dict] = {}
     readings: list[tuple[str, dict]] = []
-    for state in live_supervisors(conn):
+    states = live_supervisors(conn)
+    for state in states:
         workers.extend(state.get("workers", []))
         if state.get("readings"):
             readings.append((state["supervisor"]["host"], state["readings"]))
         for job_type, entry in state.get("plan", {}).items():
             merged = plan.setdefault(job_type, {"processes": 0, "reason": entry["reason"]})
             merged["processes"] += entry["processes"]
-    return workers, plan, readings
+    return workers, plan, readings, served_types(states)
 
 
 def _job_or_fail(conn: psycopg.Connection, job_id: int) -> dict[str, Any]:

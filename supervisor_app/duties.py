@@ -35,7 +35,7 @@ from croniter import croniter
 
 from supervisor_app import registry_table
 from workers import queue
-from workers.runtime import frames
+from workers.logs import frames
 
 if TYPE_CHECKING:
     from supervisor_app.supervisor import Supervisor
@@ -222,14 +222,13 @@ class Duties:
     def _queue_stats(self, conn: psycopg.Connection) -> None:
         stats = queue.status_counts(conn)
         self.sup.queue_stats = stats
-        served: set[str] = set()
+        states = registry_table.live_supervisors(conn)
+        served = registry_table.served_types(states) | self.sup.served_types()
         schedules: dict[tuple[str, str], int] = {}
-        for state in registry_table.live_supervisors(conn):
-            served.update(state.get("types") or [])
+        for state in states:
             for t, entry in (state.get("schedules") or {}).items():
                 schedules[(t, entry["schedule"])] = int(entry.get("max_attempts") or 1)
         self.cluster_schedules = schedules
-        served.update(self.sup.served_types())
         unserved = {t for t, c in stats.items() if c.get("queued") and t not in served}
         for t in sorted(unserved - self.unserved):
             log.warning("queue_unserved", extra={"job_type": t, "queued": stats[t]["queued"]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
@@ -21,6 +22,11 @@ def publish(conn: psycopg.Connection, sup_id: str, host: str, pid: int,
 
 def withdraw(conn: psycopg.Connection, sup_id: str) -> None:
     conn.execute("DELETE FROM jobvisor.supervisors WHERE id = %s", (sup_id,))
+
+
+def served_types(states: Iterable[dict[str, Any]]) -> set[str]:
+    """The job types that these published states say their supervisors serve."""
+    return {t for state in states for t in state.get("types") or []}
 
 
 def live_supervisors(conn: psycopg.Connection) -> list[dict[str, Any]]:
