@@ -26,8 +26,8 @@ from supervisor_app.config import Config, ConfigError, diff_types, load_config
 from supervisor_app.duties import Duties
 from supervisor_app.planner import PlanEntry, Planner
 from workers import queue
+from workers.logs import frames
 from workers.registry import HandlerError, load
-from workers.runtime import frames
 
 log = logging.getLogger("jobvisor.supervisor")
 

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -44,3 +45,10 @@ def configure(level: str | None = None) -> None:
     # Libraries chatty at INFO (httpx logs every request URL) stay at WARNING.
     for noisy in ("httpx", "httpcore", "LiteLLM", "litellm", "psycopg.pool", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def frames(exc: BaseException) -> list[str]:
+    """Where an exception came from, as `file:line in function` per frame: code
+    locations only, never the exception's text (it may quote payload content)."""
+    return [f"{f.filename}:{f.lineno} in {f.name}"
+            for f in traceback.extract_tb(exc.__traceback__)]

@@ -27,7 +27,6 @@ import signal
 import socket
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ from psycopg_pool.base import AttemptWithBackoff
 from workers import queue
 from workers.context import Job, JobContext
 from workers.errors import Cancelled, JobError, PermanentError, TransientError
+from workers.logs import frames
 from workers.registry import Handler
 from workers.status import StatusPipe
 
@@ -141,13 +141,6 @@ class _Running:
     @property
     def id(self) -> int:
         return self.leased.id
-
-
-def frames(exc: BaseException) -> list[str]:
-    """Where an exception came from, as `file:line in function` per frame: code
-    locations only, never the exception's text (it may quote payload content)."""
-    return [f"{f.filename}:{f.lineno} in {f.name}"
-            for f in traceback.extract_tb(exc.__traceback__)]
 
 
 class Runtime:
