@@ -57,10 +57,20 @@ def crash(job: Job, ctx: JobContext) -> dict:
 
 
 def hog(job: Job, ctx: JobContext) -> dict:
-    """Hold `mib` MiB of written memory, then wait (cancellable) for `seconds`."""
+    """Hold `mib` MiB of written memory, then wait (cancellable) for `seconds`. With
+    `"dir"`, only the first run waits `seconds`: it leaves `<dir>/<job id>` behind, and a
+    later run of the same job waits `then_seconds` (default 0)."""
+    from pathlib import Path
+
     payload = job.payload if isinstance(job.payload, dict) else {}
     block = b"x" * (int(payload.get("mib", 300)) << 20)
-    ctx.sleep(float(payload.get("seconds", 60)))
+    seconds = float(payload.get("seconds", 60))
+    if payload.get("dir"):
+        mark = Path(payload["dir"]) / str(job.id)
+        if mark.exists():
+            seconds = float(payload.get("then_seconds", 0))
+        mark.touch()
+    ctx.sleep(seconds)
     return {"held": len(block)}
 
 

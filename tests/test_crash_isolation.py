@@ -85,7 +85,9 @@ def test_jobs_running_together_when_memory_runs_over_go_back_uncounted_as_suspec
         wait_for(lambda: sup.pids(db, "hog"), what="child running")
         hog_id, quiet_id = q.enqueue_many(db, [
             q.NewJob("hog", {"mib": 300, "seconds": 120}, max_attempts=2),
-            q.NewJob("hog", {"mib": 1, "seconds": 4}, max_attempts=2)])
+            # The quiet job's first run lasts until the recycle stops it (so it is surely
+            # running beside the hog then); its rerun is quick.
+            q.NewJob("hog", {"mib": 1, "seconds": 300, "dir": str(tmp_path)}, max_attempts=2)])
         wait_for(lambda: q.get_job(db, hog_id)["status"] == "failed"
                  and q.get_job(db, quiet_id)["status"] == "completed", timeout=180,
                  what="hog failed, quiet one completed")
