@@ -32,7 +32,7 @@ RUN mkdir supervisor_app workers && pip install ".[pdf,ai]"
 COPY supervisor_app/ supervisor_app/
 COPY workers/ workers/
 RUN pip install --no-deps . \
- && python -c "import supervisor_app.cli, workers.runtime"
+ && python -c "import supervisor_app.cli.main, workers.core.runtime"
 
 # --- runtime -------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

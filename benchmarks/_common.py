@@ -28,7 +28,7 @@ from psycopg.conninfo import make_conninfo
 
 from supervisor_app.database import DatabaseUnavailable, check, resolve_dsn
 from supervisor_app.migrate import migrate
-from workers.dsn import describe
+from workers.core.dsn import describe
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_FAILED = 1

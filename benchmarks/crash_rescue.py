@@ -49,7 +49,7 @@ from benchmarks._common import (
 )
 from benchmarks.supervisor_handlers import SHIPPED_CONFIG, config_with, parse_ts, supervisor
 from supervisor_app.units import parse_duration
-from workers import queue as q
+from workers.core import queue as q
 
 CASES = {"idle_peer": 2, "only_child": 1}  # case -> processes of the type
 TARGET_S = 2.0
@@ -133,7 +133,7 @@ def run_case(db: BenchDatabase, case: str, args: argparse.Namespace,
              workdir: Path) -> dict[str, Any]:
     processes = CASES[case]
     job_type = db.job_type("sleep")
-    types = {job_type: {"handler": "workers.handlers.builtin:sleep",
+    types = {job_type: {"handler": "workers.core.builtin:sleep",
                         "processes": {"min": processes, "max": processes},
                         "concurrency": 1, "memory_per_job": "16MiB", "priority": 0,
                         "timeout": "300s"}}

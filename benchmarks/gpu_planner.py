@@ -305,7 +305,7 @@ def supervisor_mode(args: argparse.Namespace, timeline: Timeline, taker: Taker,
     from benchmarks._common import bench_database
     from benchmarks.supervisor_handlers import config_with, parse_ts, supervisor
 
-    types = {TYPE: {"handler": "workers.handlers.builtin:noop",
+    types = {TYPE: {"handler": "workers.core.builtin:noop",
                     "processes": {"min": 0, "max": args.max}, "concurrency": 1,
                     "memory_per_job": "16MiB", "gpu_memory_per_job": args.per_job,
                     "priority": 10, "timeout": "30s"}}

@@ -94,8 +94,8 @@ from benchmarks._common import (  # noqa: E402
 )
 from benchmarks.supervisor_handlers import SHIPPED_CONFIG, load_yaml  # noqa: E402
 from supervisor_app.database import DatabaseUnavailable  # noqa: E402
-from workers.queue import NewJob, enqueue_many  # noqa: E402
-from workers.storage import LocalStorage  # noqa: E402
+from workers.core.queue import NewJob, enqueue_many  # noqa: E402
+from workers.learning.storage import LocalStorage  # noqa: E402
 
 VISION = "bench-vision:latest"
 FEEDBACK = "bench-feedback:latest"

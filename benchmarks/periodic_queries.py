@@ -54,7 +54,7 @@ from benchmarks._common import (  # noqa: E402
     r3,
 )
 from supervisor_app import registry_table  # noqa: E402
-from workers import queue  # noqa: E402
+from workers.core import queue  # noqa: E402
 
 TARGET_MS = 5.0
 RETENTION = {"completed": 7 * 86400.0, "failed": 30 * 86400.0, "cancelled": 7 * 86400.0}

@@ -46,7 +46,7 @@ from benchmarks._common import (  # noqa: E402
     running,
     wait_done,
 )
-from workers.queue import NewJob, enqueue_many  # noqa: E402
+from workers.core.queue import NewJob, enqueue_many  # noqa: E402
 
 CHUNK = 10_000  # jobs per INSERT round trip; all chunks of a phase commit together
 
@@ -96,7 +96,7 @@ def _measure(args: argparse.Namespace, db: BenchDatabase,
     load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews timings
     job_type = db.job_type("noop")
     group = WorkerGroup(db, job_type, args.processes, args.concurrency, args.prefetch,
-                        handler=None if db.scratch else "workers.handlers.builtin:noop")
+                        handler=None if db.scratch else "workers.core.builtin:noop")
     progress(f"cold: enqueueing {args.n} {job_type} jobs in chunks of {CHUNK}")
     t = time.perf_counter()
     cold, _ = _enqueue(conn, job_type, args.n)

@@ -36,7 +36,7 @@ import psycopg
 from benchmarks._common import bench_database, emit, main_guard, progress, r3, wait_until
 from benchmarks.supervisor_handlers import config_with, supervisor
 from tests.tcp_proxy import TcpProxy
-from workers import queue as q
+from workers.core import queue as q
 
 EFFECTS = """CREATE TABLE IF NOT EXISTS effects (
     job_id bigint NOT NULL, attempt int NOT NULL, pid int, at timestamptz DEFAULT now())"""

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def handler_import_error(name: str, handler: str | None) -> str | None:
     """None if `name`'s handler imports in a fresh interpreter, else the error's last line."""
-    code = ("import sys\nfrom workers.registry import load\n"
+    code = ("import sys\nfrom workers.core.registry import load\n"
             "load(sys.argv[1], sys.argv[2] or None)\n")
     proc = subprocess.run([sys.executable, "-c", code, name, handler or ""], cwd=REPO,
                           capture_output=True, text=True, timeout=120)

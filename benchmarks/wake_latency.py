@@ -43,7 +43,7 @@ from benchmarks._common import (  # noqa: E402
     running,
     wait_done,
 )
-from workers.queue import NewJob, enqueue_many  # noqa: E402
+from workers.core.queue import NewJob, enqueue_many  # noqa: E402
 
 SETTLE_S = 0.2  # after LISTEN: let the lease round that LISTEN triggers finish
 

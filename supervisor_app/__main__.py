@@ -1,5 +1,5 @@
 import sys
 
-from supervisor_app.cli import main
+from supervisor_app.cli.main import main
 
 sys.exit(main())

@@ -30,7 +30,7 @@ STATES = ("starting", "running", "backoff", "stopping", "fatal")
 # Before its first heartbeat a child is importing and connecting, which on a loaded
 # machine can take longer than a short heartbeat timeout.
 START_GRACE = 30.0
-EXIT_JOB_TIMEOUT = 3  # workers.runtime: a job overran; replace the child, no penalty
+EXIT_JOB_TIMEOUT = 3  # workers.core.runtime: a job overran; replace the child, no penalty
 FATAL_MAX_BACKOFF = 300.0  # a slot failing past its quick-failure limit retries this often
 
 
@@ -56,7 +56,7 @@ class Slot:
     uss: int = 0
     cpu_seconds: float = 0.0
     last_exit: int | None = None
-    # The lease owner id of the running child (host:pid:nonce, see workers.runtime).
+    # The lease owner id of the running child (host:pid:nonce, see workers.core.runtime).
     worker_id: str | None = None
     recycled: bool = False  # asked to drain because it went over its memory limit
     pending_exit: tuple[int, float] | None = None  # (exit code, ran s) awaiting its rescue

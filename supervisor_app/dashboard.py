@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 
-from workers import queue
+from workers.core import queue
 
 if TYPE_CHECKING:
     from supervisor_app.supervisor import Supervisor

@@ -34,8 +34,8 @@ import psycopg
 from croniter import croniter
 
 from supervisor_app import registry_table
-from workers import queue
-from workers.logs import frames
+from workers.core import queue
+from workers.core.logs import frames
 
 if TYPE_CHECKING:
     from supervisor_app.supervisor import Supervisor

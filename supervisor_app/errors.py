@@ -1,9 +1,6 @@
-"""Errors the CLI turns into exit codes."""
+"""Errors the CLI turns into exit codes (defined with the plug-in command kit, so a
+plug-in's commands raise the very same ones)."""
 
+from workers.core.commands import BadInput, Failed
 
-class BadInput(Exception):
-    """Invalid arguments or input, or an unreachable database: exit 2, one line."""
-
-
-class Failed(Exception):
-    """The operation ran but failed (a job failed, a wait timed out): exit 1."""
+__all__ = ["BadInput", "Failed"]

@@ -1,5 +1,6 @@
-"""One HTTP port: `/metrics`, `/healthz`, the operator-only worker health probe, and
-the dashboard.
+"""One HTTP port: `/metrics`, `/healthz`, the operator-only health probes plug-ins
+declare (`Plugin.probes`, e.g. the learning plug-in's `/internal/health/learning-worker`),
+and the dashboard.
 
 Served by waitress (a well-kept pure-Python WSGI server) rather than `http.server`: it
 reads requests asynchronously, so a thread is taken only by a complete request (300
@@ -20,18 +21,17 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-import psycopg
 from prometheus_client import make_wsgi_app
 from waitress.server import create_server
 
 from supervisor_app.metrics import build_registry
+from workers.core import plugins
 
 if TYPE_CHECKING:
     from supervisor_app.supervisor import Supervisor
 
 log = logging.getLogger("jobvisor.http")
 
-OPERATOR_PATH = "/internal/health/learning-worker"
 MAX_BODY = 64 * 1024
 THREADS = 8  # requests answered at once; more wait, fully read, for a free thread
 # Open connections (half-sent ones included; each costs a socket, not a thread); beyond,
@@ -41,21 +41,6 @@ BACKLOG = 1024
 IDLE_TIMEOUT = 10  # seconds a connection may sit idle or half-sent before it is closed
 
 StartResponse = Callable[..., Any]
-
-
-def probe_database(dsn: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """Run `learning_worker_health_probe()` as the worker's role: (role, checks)."""
-    try:
-        with psycopg.connect(dsn, connect_timeout=3, autocommit=True) as conn:
-            conn.execute("SET statement_timeout = '3s'")
-            (role,) = conn.execute("SELECT current_user").fetchone()
-            rows = conn.execute(
-                "SELECT check_name, ok, detail FROM learning_worker_health_probe()").fetchall()
-    except psycopg.errors.UndefinedFunction:
-        return None, [{"name": "db_probe", "ok": False, "detail": "probe function missing"}]
-    except psycopg.Error as exc:
-        return None, [{"name": "db_probe", "ok": False, "detail": type(exc).__name__}]
-    return role, [{"name": n, "ok": bool(ok), "detail": d} for n, ok, d in rows]
 
 
 class _Headers:
@@ -78,6 +63,8 @@ class App:
     def __init__(self) -> None:
         self.sup: Supervisor | None = None
         self.metrics: Callable[..., Iterable[bytes]] | None = None
+        # Operator probes: path -> probe(dsn) -> (role, checks), imported on first use.
+        self.probes = {path: spec for path, (_plugin, spec) in plugins.probes().items()}
 
     def attach(self, sup: Supervisor) -> None:
         self.metrics = make_wsgi_app(build_registry(sup))  # negotiates OpenMetrics
@@ -97,8 +84,9 @@ class App:
             ok = all(c["ok"] for c in checks)
             return _json(start, 200 if ok else 503,
                          {"status": "ok" if ok else "degraded", "checks": checks})
-        if method == "GET" and path == OPERATOR_PATH:
-            return _operator_health(sup, environ, start)
+        if method == "GET" and path in self.probes:
+            probe = plugins.resolve(self.probes[path], what=f"probe {path}")
+            return _operator_health(sup, probe, environ, start)
         if method in ("GET", "POST"):
             return _delegate(sup, method, environ, start)
         return _json(start, 405, {"error": "method not allowed"}, {"Allow": "GET, POST"})
@@ -120,8 +108,8 @@ def _delegate(sup: Supervisor, method: str, environ: dict[str, Any],
     return _send(start, code, payload, dict(headers))
 
 
-def _operator_health(sup: Supervisor, environ: dict[str, Any],
-                     start: StartResponse) -> Iterable[bytes]:
+def _operator_health(sup: Supervisor, probe: Callable[[str], tuple[str | None, list[dict]]],
+                     environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
     private = {"Cache-Control": "private, no-store", "Vary": "Origin"}
     expected = os.environ.get(sup.cfg.supervisor.health_token_env, "")
     given = _Headers(environ).get("Authorization") or ""
@@ -133,7 +121,7 @@ def _operator_health(sup: Supervisor, environ: dict[str, Any],
         log.warning("health_token_refused", extra={"client": environ.get("REMOTE_ADDR")})
         return _json(start, 401, {"error": "missing or invalid bearer token"},
                      {**private, "WWW-Authenticate": "Bearer"})
-    role, db_checks = probe_database(sup.worker_dsn)
+    role, db_checks = probe(sup.worker_dsn)
     checks = db_checks + sup.health_checks()
     ok = all(c["ok"] for c in checks)
     return _json(start, 200 if ok else 503, {"status": "healthy" if ok else "degraded",

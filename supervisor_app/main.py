@@ -16,8 +16,8 @@ from supervisor_app.errors import BadInput, Failed
 from supervisor_app.http import Server
 from supervisor_app.migrate import migrate
 from supervisor_app.supervisor import Supervisor, send_reload
-from workers.dsn import dsn_from_env
-from workers.registry import HandlerError
+from workers.core.dsn import dsn_for
+from workers.core.registry import HandlerError
 
 log = logging.getLogger("jobvisor.main")
 
@@ -97,10 +97,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _supervise(cfg: Config, path: Path, only: set[str] | None, server: Server,
                early: list[int]) -> int:
-    # The supervisor migrates and prunes, so it prefers the app DSN; children pick
-    # LEARNING_DATABASE_URL (the least-privilege worker role) first when it is set.
-    from_env = os.environ.get("DATABASE_URL", "").strip() or dsn_from_env()
-    dsn = from_env or embedded.start()
+    # The supervisor migrates, rescues and prunes as the owner; children resolve the
+    # worker role from the same environment (workers.core.dsn).
+    from_env = dsn_for("owner")
+    dsn = database.resolve_dsn("owner")
     database.check(dsn)
     applied = migrate(dsn)
     if applied:

@@ -1,7 +1,8 @@
 """Prometheus metrics, built at scrape time from the supervisor's own state.
 
 Children report job outcomes (counts and duration buckets) through their heartbeat pipe;
-the supervisor adds them up, so one `/metrics` covers every process.
+the supervisor adds them up, so one `/metrics` covers every process. Plug-ins add their
+own metrics (`Plugin.metrics`) from a read-only view of the same figures.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from prometheus_client.core import (
 )
 
 from supervisor_app.children import STATES
-from workers.queue import STATUSES
-from workers.runtime import DURATION_BUCKETS
+from workers.core import plugins
+from workers.core.plugins import MetricsView
+from workers.core.queue import STATUSES
+from workers.core.runtime import DURATION_BUCKETS
 
 if TYPE_CHECKING:
     from supervisor_app.supervisor import Supervisor
 
+# The core's own; a plug-in's come on top (the learning plug-in's: analysis_jobs_inflight,
+# ai_worker_retry_total, ai_worker_failed_total).
 METRIC_NAMES = (
-    "analysis_jobs_inflight", "ai_worker_retry_total", "ai_worker_failed_total",
     "jobvisor_queue_depth", "jobvisor_queue_lag_seconds", "jobvisor_job_duration_seconds",
     "jobvisor_jobs_total", "jobvisor_queue_unserved", "jobvisor_worker_processes",
     "jobvisor_worker_restarts_total",
@@ -44,12 +48,6 @@ class SupervisorCollector:
         sup = self.sup
         slots = [s for group in list(sup.slots.values()) for s in list(group)]
         yield GaugeMetricFamily("jobvisor_up", "1 while the supervisor loop runs", value=1)
-
-        inflight = GaugeMetricFamily("analysis_jobs_inflight",
-                                     "Jobs being processed right now, all children")
-        inflight.add_metric([], sum(s.inflight for s in slots))
-        yield inflight
-
         yield from self._outcomes()
         yield from self._queue()
 
@@ -89,36 +87,20 @@ class SupervisorCollector:
         outcomes = dict(self.sup.outcomes)
         jobs = CounterMetricFamily("jobvisor_jobs", "Finished job attempts by outcome",
                                    labels=["job_type", "outcome"])
-        retry = CounterMetricFamily("ai_worker_retry", "Retried attempts by phase (job type)",
-                                    labels=["phase"])
-        failed = CounterMetricFamily("ai_worker_failed", "Jobs failed for good, by error code",
-                                     labels=["error_code"])
         duration = HistogramMetricFamily("jobvisor_job_duration_seconds",
                                          "Handler run time per attempt",
                                          labels=["job_type", "outcome"])
         per_outcome: dict[tuple[str, str], list[float]] = {}
-        per_phase: dict[str, float] = {}
-        per_code: dict[str, float] = {}
-        for (job_type, outcome, code), row in outcomes.items():
+        for (job_type, outcome, _code), row in outcomes.items():
             acc = per_outcome.setdefault((job_type, outcome), [0.0] * len(row))
             for i, v in enumerate(row):
                 acc[i] += v
-            if outcome in ("retried", "timeout"):
-                per_phase[job_type] = per_phase.get(job_type, 0) + row[0]
-            if outcome == "failed":
-                per_code[code or "unknown"] = per_code.get(code or "unknown", 0) + row[0]
         for (job_type, outcome), row in sorted(per_outcome.items()):
             jobs.add_metric([job_type, outcome], row[0])
             buckets = [(f"{b:g}", row[2 + i]) for i, b in enumerate(DURATION_BUCKETS)]
             buckets.append(("+Inf", row[0]))
             duration.add_metric([job_type, outcome], buckets, sum_value=row[1])
-        for phase, n in sorted(per_phase.items()):
-            retry.add_metric([phase], n)
-        for code, n in sorted(per_code.items()):
-            failed.add_metric([code], n)
         yield jobs
-        yield retry
-        yield failed
         yield duration
 
     def _queue(self) -> Iterator[Metric]:
@@ -164,7 +146,29 @@ class SupervisorCollector:
         yield from (gpu_free, gpu_total, mem, cpus, reserve)
 
 
+class PluginCollector:
+    """Each plug-in's `metrics(view)`, over a snapshot of the supervisor's figures."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.hooks = [plugins.resolve(p.metrics, what=f"plug-in {p.name!r} metrics")
+                      for p in plugins.installed() if p.metrics]
+
+    def collect(self) -> Iterator[Metric]:
+        if not self.hooks:
+            return
+        inflight: dict[str, int] = {}
+        for group in list(self.sup.slots.values()):
+            for s in list(group):
+                inflight[s.job_type] = inflight.get(s.job_type, 0) + s.inflight
+        view = MetricsView(inflight=inflight, outcomes={
+            key: row[0] for key, row in dict(self.sup.outcomes).items()})
+        for hook in self.hooks:
+            yield from hook(view)
+
+
 def build_registry(sup: Supervisor) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SupervisorCollector(sup))
+    registry.register(PluginCollector(sup))
     return registry

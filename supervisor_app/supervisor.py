@@ -25,9 +25,10 @@ from supervisor_app.children import Slot
 from supervisor_app.config import Config, ConfigError, diff_types, load_config
 from supervisor_app.duties import Duties
 from supervisor_app.planner import PlanEntry, Planner
-from workers import queue
-from workers.logs import frames
-from workers.registry import HandlerError, load
+from workers.core import queue
+from workers.core.dsn import dsn_for
+from workers.core.logs import frames
+from workers.core.registry import HandlerError, load
 
 log = logging.getLogger("jobvisor.supervisor")
 
@@ -43,9 +44,9 @@ class Supervisor:
         self.cfg_path = cfg_path
         self.dsn = dsn
         self.env = env
-        # What children connect with (LEARNING_DATABASE_URL wins): the operator health
-        # probe runs as this role, so it reports what the workers really can do.
-        self.worker_dsn = env.get("LEARNING_DATABASE_URL") or env.get("DATABASE_URL") or dsn
+        # What children connect with: the operator health probe runs as this role, so it
+        # reports what the workers really can do.
+        self.worker_dsn = dsn_for("worker", env) or dsn
         self.only_types = only_types
         self.slots: dict[str, list[Slot]] = {}
         self.planner = Planner(cfg.supervisor.reserve.memory, cfg.supervisor.reserve.gpu_memory)

@@ -106,3 +106,22 @@ def marked_sleep(job: Job, ctx: JobContext) -> dict:
     (Path(payload["dir"]) / str(job.id)).touch()
     ctx.sleep(float(payload.get("seconds", 0)))
     return {"slept": payload.get("seconds", 0)}
+
+
+def whoami(job: Job, ctx: JobContext) -> dict:
+    """The database role this job's transactions run as, and what it may see: how many
+    learning submissions are visible under the payload's subject (None: not allowed)."""
+    import psycopg
+
+    with ctx.read() as conn:
+        (user,) = conn.execute("SELECT current_user").fetchone()
+    visible = None
+    with ctx.read() as conn:
+        try:
+            conn.execute("SELECT set_config('app.current_sub', %s, true)",
+                         ((job.payload or {}).get("as", ""),))
+            (visible,) = conn.execute(
+                "SELECT count(*) FROM public.learning_submissions").fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            visible = None
+    return {"user": user, "visible": visible}

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.ollama import FakeOllama, FakeRequest
-from workers.ai import ollama
-from workers.ai.feedback import FeedbackSettings, feedback_backend, write_feedback
-from workers.ai.vision import VisionSettings, extract_text, vision_engine
-from workers.errors import PermanentError, TransientError
+from workers.core.errors import PermanentError, TransientError
+from workers.learning.ai import ollama
+from workers.learning.ai.feedback import FeedbackSettings, feedback_backend, write_feedback
+from workers.learning.ai.vision import VisionSettings, extract_text, vision_engine
 
 REPO = Path(__file__).resolve().parent.parent
 VISION = "qwen2.5vl:7b"
@@ -132,7 +132,7 @@ def test_vision_stub_prefers_the_text_layer_else_a_stable_placeholder() -> None:
 
 
 def test_vision_tesseract_engine_delegates_to_ocr_tesseract(monkeypatch: pytest.MonkeyPatch) -> None:
-    import workers.ocr_tesseract as tess
+    import workers.learning.ocr_tesseract as tess
 
     seen: list[tuple[list[bytes], str]] = []
     monkeypatch.setattr(tess, "ocr_images", lambda images, lang: seen.append((images, lang)) or "text")
@@ -238,7 +238,7 @@ def getaddrinfo(host, *args, **kwargs):
     seen.append(["dns", str(host)])
     return real_gai(host, *args, **kwargs)
 socket.getaddrinfo = getaddrinfo
-from workers.ai.feedback import FeedbackSettings, write_feedback
+from workers.learning.ai.feedback import FeedbackSettings, write_feedback
 settings = FeedbackSettings.from_env()
 result = write_feedback("Ein kurzer Text.", ["Inhalt"], backend="dspy", settings=settings)
 print(json.dumps({"seen": seen, "backend": result.backend_used, "dspy": "dspy" in sys.modules}))

@@ -31,7 +31,6 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from workers.backup import dump as dump_module
 from workers.backup.dsn import (
     DsnError,
-    backup_dsn_from_env,
     child_environment,
     parse_dsn,
     write_passfile,
@@ -59,8 +58,8 @@ from workers.backup.manifest import (
     write_manifest,
 )
 from workers.backup.retention import apply_retention, list_backups, new_run_id
-from workers.errors import PermanentError, TransientError
-from workers.logs import JsonFormatter
+from workers.core.errors import PermanentError, TransientError
+from workers.core.logs import JsonFormatter
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -548,9 +547,11 @@ def test_password_and_dsn_never_appear_in_any_process_arguments(
 
 
 def test_backup_dsn_prefers_backup_database_url() -> None:
-    assert backup_dsn_from_env({"BACKUP_DATABASE_URL": "b", "DATABASE_URL": "d"}) == "b"
-    assert backup_dsn_from_env({"BACKUP_DATABASE_URL": " ", "DATABASE_URL": "d"}) == "d"
-    assert backup_dsn_from_env({}) is None
+    from workers.core.dsn import dsn_for
+
+    assert dsn_for("backup", {"BACKUP_DATABASE_URL": "b", "DATABASE_URL": "d"}) == "b"
+    assert dsn_for("backup", {"BACKUP_DATABASE_URL": " ", "DATABASE_URL": "d"}) == "d"
+    assert dsn_for("backup", {}) is None
 
 
 def test_dsn_becomes_pg_environment_and_a_separate_password() -> None:

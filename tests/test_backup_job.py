@@ -28,8 +28,8 @@ from supervisor_app.migrate import migrate
 from tests.helpers import start_worker, stop, wait_for
 from tests.supervisor_harness import Supervisor, base_config, free_port
 from workers import PermanentError
-from workers import queue as q
 from workers.backup import BACKUP_CONFIG_INVALID
+from workers.core import queue as q
 
 REPO = Path(__file__).resolve().parent.parent
 FAKES = Path(__file__).resolve().parent / "fakes"
@@ -365,7 +365,7 @@ class _Ctx:
 
 def test_handler_without_any_dsn_fails_permanently_naming_the_variable(monkeypatch):
     from workers import Job
-    from workers.handlers.backup import handle
+    from workers.backup.handler import handle
 
     for name in ("BACKUP_DATABASE_URL", "DATABASE_URL"):
         monkeypatch.delenv(name, raising=False)

@@ -14,10 +14,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from supervisor_app import cli_batches
+from supervisor_app.cli import batches as cli_batches
+from supervisor_app.cli.main import build_parser
 from supervisor_app.errors import BadInput, Failed
 from tests.helpers import start_worker, stop, wait_for
-from workers import queue as q
+from workers.core import queue as q
+from workers.learning.cli import submit_directory
 
 REPO = Path(__file__).resolve().parent.parent
 TRUTH = """
@@ -239,11 +241,16 @@ def test_batch_counts_match_when_worker_processes_finish_a_mixed_batch(db, worke
 
 # --- CLI -------------------------------------------------------------------------------------
 
+def _kit():
+    """The command kit the CLI hands every command (workers.core.commands)."""
+    return build_parser().parse_args(["status"]).kit
+
+
 def _show(monkeypatch, capsys, db_dsn: str, batch_id: str, **kw) -> tuple[int, str]:
     monkeypatch.setenv("DATABASE_URL", db_dsn)
     monkeypatch.delenv("LEARNING_DATABASE_URL", raising=False)
     args = argparse.Namespace(id=batch_id, json=kw.get("json", True), wait=kw.get("wait", False),
-                              timeout=kw.get("timeout", 5.0))
+                              timeout=kw.get("timeout", 5.0), kit=_kit())
     code = cli_batches.cmd_batches_show(args)
     return code, capsys.readouterr().out
 
@@ -333,7 +340,7 @@ def test_submit_directory_waits_for_the_whole_folder_as_one_batch(db, db_dsn, wo
     procs = [start_worker(env, t, *fast, log=tmp_path / f"{t}.log")
              for t in ("pdf", "vision", "feedback")]
     try:
-        code = cli_batches.submit_directory(folder, owner="alice", wait=True, timeout=120)
+        code = submit_directory(_kit(), folder, owner="alice", wait=True, timeout=120)
     finally:
         codes = [stop(p) for p in procs]
     assert codes == [0, 0, 0]
@@ -355,7 +362,7 @@ def test_submit_directory_refuses_a_folder_without_uploads(tmp_path: Path, db_ds
     monkeypatch.setenv("STORAGE_DIR", str(tmp_path / "storage"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadInput, match="no PDF, PNG or JPEG"):
-        cli_batches.submit_directory(tmp_path / "empty", owner="alice")
+        submit_directory(_kit(), tmp_path / "empty", owner="alice")
 
 
 def test_jobvisor_submit_with_a_folder_enqueues_one_batch(db, worker_env, tmp_path):

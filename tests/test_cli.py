@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import start_worker, stop, wait_for
-from workers import queue as q
+from workers.core import queue as q
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,7 +148,7 @@ def test_poll_only_worker_still_finds_jobs(db, worker_env):
 
 
 def test_a_child_imports_only_what_its_type_needs(worker_env):
-    code = ("import sys, workers.__main__, workers.runtime; from workers.registry import load; "
+    code = ("import sys, workers.__main__, workers.core.runtime; from workers.core.registry import load; "
             "load('noop'); load('sleep'); "
             "heavy = [m for m in sys.modules if m.split('.')[0] in "
             "('pymupdf', 'fitz', 'dspy', 'litellm', 'httpx', 'supervisor_app', 'pydantic')]; "

@@ -39,7 +39,7 @@ queue:
   prune_every: 5m
 types:
   vision:
-    handler: workers.handlers.vision:handle
+    handler: workers.learning.handlers.vision:handle
     processes: {min: 1, max: 4}
     concurrency: 2
     prefetch: 1

@@ -9,7 +9,7 @@ import pytest
 from tests.handlers import EFFECTS_DDL
 from tests.helpers import wait_for
 from tests.supervisor_harness import Supervisor, base_config, free_port
-from workers import queue as q
+from workers.core import queue as q
 
 SMALL = {"memory_per_job": "1MiB"}
 

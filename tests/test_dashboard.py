@@ -19,7 +19,7 @@ from supervisor_app.supervisor import Supervisor as LocalSupervisor
 from tests.helpers import wait_for
 from tests.supervisor_harness import Supervisor, base_config, free_port
 from workers import Job, JobContext, PermanentError
-from workers import queue as q
+from workers.core import queue as q
 
 TOKEN = "op-token-for-tests"
 SECRET = "Aufsatz von Schülerin Jana: SECRET-STUDENT-TEXT"

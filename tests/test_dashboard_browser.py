@@ -20,7 +20,7 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.supervisor_harness import Supervisor, base_config, free_port
-from workers import queue as q
+from workers.core import queue as q
 
 CHROMIUM = Path(os.environ.get("JOBVISOR_CHROMIUM", "/usr/bin/chromium"))
 TOKEN = "browser-test-token"

@@ -16,7 +16,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from supervisor_app.migrate import migrate, sql_dir
-from workers import queue as q
+from workers.core import queue as q
 
 _BRUTE = """
 SELECT job_type, status, count(*),

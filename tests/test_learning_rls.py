@@ -1,4 +1,5 @@
-"""Row-level security and least privilege for learning submissions (sql/003_learning.sql).
+"""Row-level security and least privilege for learning submissions
+(workers/learning/sql/001_learning.sql).
 
 Each test creates its own login role (random name, dropped afterwards): roles are
 cluster-wide and other databases on the same server run tests at the same time.

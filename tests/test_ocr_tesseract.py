@@ -7,8 +7,8 @@ from pathlib import Path
 import pymupdf
 import pytest
 
-from workers.errors import PermanentError, TransientError
-from workers.ocr_tesseract import (
+from workers.core.errors import PermanentError, TransientError
+from workers.learning.ocr_tesseract import (
     ocr_image,
     ocr_images,
     require_tesseract,

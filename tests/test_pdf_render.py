@@ -11,11 +11,11 @@ from pathlib import Path
 import pymupdf
 import pytest
 
-from workers import pdf_render
-from workers.errors import PayloadError, PermanentError
-from workers.ocr_tesseract import tesseract_available
-from workers.pdf_render import extract_pdf, prepare_image, render_pdf
-from workers.storage import DerivedPaths, LocalStorage, content_hash
+from workers.core.errors import PayloadError, PermanentError
+from workers.learning import pdf_render
+from workers.learning.ocr_tesseract import tesseract_available
+from workers.learning.pdf_render import extract_pdf, prepare_image, render_pdf
+from workers.learning.storage import DerivedPaths, LocalStorage, content_hash
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NO_TESSERACT = "tesseract binary not installed (apt-get install tesseract-ocr tesseract-ocr-deu)"

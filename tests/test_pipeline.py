@@ -24,10 +24,10 @@ from psycopg.types.json import Jsonb
 
 from tests.fakes.ollama import FakeOllama
 from tests.helpers import counts, start_worker, stop, wait_for
-from workers import queue as q
-from workers.ocr_tesseract import tesseract_available
-from workers.pdf_render import render_pdf
-from workers.storage import DerivedPaths, LocalStorage
+from workers.core import queue as q
+from workers.learning.ocr_tesseract import tesseract_available
+from workers.learning.pdf_render import render_pdf
+from workers.learning.storage import DerivedPaths, LocalStorage
 
 VISION = "vision-test:latest"
 FEEDBACK = "feedback-test:latest"
@@ -591,8 +591,8 @@ def test_yaml_model_options_and_keep_alive_reach_ollama(db, env, storage, fake, 
 
 @pytest.mark.skipif(not tesseract_available(), reason="Debian's tesseract-ocr is not installed")
 def test_tesseract_vision_reports_progress_per_page(storage):
-    from workers.ai.vision import VisionSettings
-    from workers.handlers import vision
+    from workers.learning.ai.vision import VisionSettings
+    from workers.learning.handlers import vision
 
     doc = pymupdf.open()
     for i in (1, 2, 3):

@@ -9,8 +9,8 @@ import pytest
 
 from supervisor_app.migrate import migrate
 from tests.helpers import counts
-from workers import queue as q
-from workers.runtime import backoff_delay
+from workers.core import queue as q
+from workers.core.runtime import backoff_delay
 
 
 def test_enqueue_many_keeps_order_and_payload_unknown_fields(db):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from workers.registry import HandlerError, check_contract, handler_spec, load
+from workers.core.registry import HandlerError, check_contract, handler_spec, load
 
 
 def test_builtin_types_resolve_without_configuration():
-    assert handler_spec("noop") == "workers.handlers.builtin:noop"
+    assert handler_spec("noop") == "workers.core.builtin:noop"
     assert load("sleep").__name__ == "sleep"
 
 

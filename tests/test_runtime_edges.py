@@ -16,9 +16,9 @@ import psycopg
 from tests.handlers import EFFECTS_DDL
 from tests.helpers import log_events, start_worker, stop, wait_for
 from tests.tcp_proxy import TcpProxy
-from workers import queue as q
-from workers.registry import load
-from workers.runtime import Runtime, WorkerSettings
+from workers.core import queue as q
+from workers.core.registry import load
+from workers.core.runtime import Runtime, WorkerSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ def _in_thread(rt: Runtime) -> threading.Thread:
 
 def test_a_batched_ack_the_database_refuses_falls_back_to_one_by_one(db_dsn, db):
     ids = q.enqueue_many(db, [q.NewJob("noop", {}) for _ in range(3)])
-    rt = _runtime(db_dsn, "noop", "workers.handlers.builtin:noop")
+    rt = _runtime(db_dsn, "noop", "workers.core.builtin:noop")
     rt.control = psycopg.connect(db_dsn, autocommit=True)
     try:
         rt._lease(3)

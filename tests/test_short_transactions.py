@@ -39,8 +39,9 @@ from tests.test_pipeline import (
     submission,
 )
 from workers import Job, JobContext
-from workers import queue as q
-from workers.storage import LocalStorage
+from workers.core import plugins
+from workers.core import queue as q
+from workers.learning.storage import LocalStorage
 
 LATENCY = 2.5  # seconds each model request takes at the fake
 
@@ -168,7 +169,9 @@ def pool(db_dsn: str) -> Iterator[ConnectionPool]:
 
 def _ctx(pool: ConnectionPool, owner: str = "alice") -> JobContext:
     job = Job(1, "vision", {"owner_sub": owner}, attempt=1, max_attempts=3)
-    return JobContext(job, uuid.uuid4(), {}, pool)
+    # The runtime hands each context its type's plug-in settings hook (here the learning
+    # plug-in's subject), as workers.core.runtime does.
+    return JobContext(job, uuid.uuid4(), {}, pool, _settings=plugins.job_settings("vision"))
 
 
 def _check_returned(pool: ConnectionPool) -> None:
@@ -219,3 +222,20 @@ def test_db_records_when_it_was_opened_and_read_refuses_once_it_is_open(pool):
     assert conn is not None
     conn.rollback()
     pool.putconn(conn)
+
+
+def test_a_plug_ins_settings_hook_decides_what_each_job_transaction_sets(pool):
+    job = Job(2, "custom", {"tenant": "t-7"}, attempt=1, max_attempts=3)
+    ctx = JobContext(job, uuid.uuid4(), {}, pool,
+                     _settings=lambda j: {"app.tenant": j.payload["tenant"], "app.mode": "x"})
+    with ctx.read() as conn:
+        assert conn.execute("SELECT current_setting('app.tenant', true),"
+                            " current_setting('app.mode', true)").fetchone() == ("t-7", "x")
+    _check_returned(pool)
+    # A type no plug-in declares sets nothing: the core knows no subject of its own.
+    bare = JobContext(Job(3, "noop", {"owner_sub": "alice"}, attempt=1, max_attempts=3),
+                      uuid.uuid4(), {}, pool, _settings=plugins.job_settings("noop"))
+    with bare.read() as conn:
+        assert conn.execute("SELECT current_setting('app.current_sub', true)").fetchone()[0] \
+            in (None, "")
+    _check_returned(pool)

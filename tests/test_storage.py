@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from workers import storage as storage_mod
-from workers.storage import (
+from workers.learning import storage as storage_mod
+from workers.learning.storage import (
     DerivedPaths,
     LocalStorage,
     Storage,

@@ -12,7 +12,7 @@ from supervisor_app.metrics import METRIC_NAMES
 from tests.handlers import EFFECTS_DDL
 from tests.helpers import counts, wait_for
 from tests.supervisor_harness import Supervisor, base_config, free_port
-from workers import queue as q
+from workers.core import queue as q
 
 SMALL = {"memory_per_job": "1MiB"}
 
@@ -131,13 +131,13 @@ def test_low_ram_then_low_gpu_shrink_lower_priority_types_first(db, worker_env, 
     overrides.write_text(json.dumps({"memory_available": "64GiB", "gpu_free": ["40GiB"]}))
     env = dict(worker_env, JOBVISOR_CAPACITY_OVERRIDES=str(overrides))
     cfg = base_config(free_port(), {
-        "important": {"handler": "workers.handlers.builtin:noop", "memory_per_job": "1GiB", "priority": 10,
+        "important": {"handler": "workers.core.builtin:noop", "memory_per_job": "1GiB", "priority": 10,
                       "processes": {"min": 0, "max": 2}},
-        "minor": {"handler": "workers.handlers.builtin:noop", "memory_per_job": "1GiB", "priority": 1, "processes": {"min": 0, "max": 2}},
-        "gpu_hi": {"handler": "workers.handlers.builtin:noop", "memory_per_job": "1MiB",
+        "minor": {"handler": "workers.core.builtin:noop", "memory_per_job": "1GiB", "priority": 1, "processes": {"min": 0, "max": 2}},
+        "gpu_hi": {"handler": "workers.core.builtin:noop", "memory_per_job": "1MiB",
                    "gpu_memory_per_job": "8GiB", "priority": 9,
                    "processes": {"min": 0, "max": 2}},
-        "gpu_lo": {"handler": "workers.handlers.builtin:noop", "memory_per_job": "1MiB",
+        "gpu_lo": {"handler": "workers.core.builtin:noop", "memory_per_job": "1MiB",
                    "gpu_memory_per_job": "8GiB", "priority": 2,
                    "processes": {"min": 0, "max": 2}},
     })
@@ -218,7 +218,9 @@ def test_metrics_parse_and_carry_the_documented_names(db, worker_env, tmp_path):
         fams = wait_for(scraped, what="outcomes reported in /metrics")
     finally:
         assert sup.stop() == 0
-    names = {n.removesuffix("_total") for n in METRIC_NAMES}
+    # The core's names, and those the learning plug-in registers (the platform's alerts).
+    names = {n.removesuffix("_total") for n in METRIC_NAMES} | {
+        "analysis_jobs_inflight", "ai_worker_retry", "ai_worker_failed"}
     assert names <= set(fams), names - set(fams)
     codes = {s.labels["error_code"] for s in fams["ai_worker_failed"]}
     assert codes == {"fail_permanent", "fail_transient"}

@@ -20,7 +20,7 @@ from tests.handlers import EFFECTS_DDL
 from tests.helpers import counts, wait_for
 from tests.supervisor_harness import Supervisor, base_config, free_port
 from tests.tcp_proxy import TcpProxy
-from workers import queue as q
+from workers.core import queue as q
 
 SMALL = {"memory_per_job": "1MiB"}
 

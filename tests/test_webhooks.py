@@ -17,12 +17,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from supervisor_app import cli_batches
+from supervisor_app.cli import batches as cli_batches
 from supervisor_app.errors import BadInput
 from tests.helpers import counts, start_worker, stop, wait_for
-from workers import Job, PermanentError, TransientError, webhooks
-from workers import queue as q
-from workers.handlers import webhook as handler
+from workers import Job, PermanentError, TransientError
+from workers.core import queue as q
+from workers.core import webhook_handler as handler
+from workers.core import webhooks
 
 SECRET = "test-webhook-secret"
 FAST = ("--poll", "0.1", "--backoff", "0.05", "--max-backoff", "0.2")

@@ -10,7 +10,7 @@ import psycopg
 
 from tests.handlers import EFFECTS_DDL
 from tests.helpers import counts, start_worker, stop, wait_for
-from workers import queue as q
+from workers.core import queue as q
 
 RECORD = ("--handler", "tests.handlers:record")
 

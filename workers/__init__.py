@@ -3,7 +3,7 @@
 Handlers see only this module's public names.
 """
 
-from workers.context import Job, JobContext
-from workers.errors import Cancelled, PayloadError, PermanentError, TransientError
+from workers.core.context import Job, JobContext
+from workers.core.errors import Cancelled, PayloadError, PermanentError, TransientError
 
 __all__ = ["Cancelled", "Job", "JobContext", "PayloadError", "PermanentError", "TransientError"]

@@ -1,6 +1,6 @@
 """`python -m workers --type TYPE [--concurrency N]`: one sub-worker process.
 
-The DSN comes from LEARNING_DATABASE_URL or DATABASE_URL (never from arguments, so it
+The DSN is the worker role's (workers.core.dsn: LEARNING_DATABASE_URL, else DATABASE_URL) (never from arguments, so it
 can't show in `ps`). The supervisor passes every other setting as flags.
 """
 
@@ -13,10 +13,10 @@ import os
 import signal
 import sys
 
-from workers import logs
-from workers.dsn import dsn_from_env
-from workers.registry import HandlerError, load
-from workers.runtime import Runtime, WorkerSettings
+from workers.core import logs
+from workers.core.dsn import dsn_for
+from workers.core.registry import HandlerError, load
+from workers.core.runtime import Runtime, WorkerSettings
 
 EXIT_BAD_INPUT = 2
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("not an object")
     except ValueError as exc:
         return _fail(f"--options and --attempts-by-type must be JSON objects: {exc}")
-    dsn = dsn_from_env()
+    dsn = dsn_for("worker")
     if not dsn:
         return _fail("no database: set LEARNING_DATABASE_URL or DATABASE_URL "
                      "(`jobvisor db-url` prints the embedded one)")

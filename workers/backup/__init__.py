@@ -4,7 +4,6 @@
 `manifest.json` beside it; see docs/backups.md.
 """
 
-from workers.backup.dsn import backup_dsn_from_env
 from workers.backup.dump import (
     BACKUP_CANCELLED,
     BACKUP_CONFIG_INVALID,
@@ -38,7 +37,6 @@ __all__ = [
     "Manifest",
     "apply_retention",
     "backup_dir_from_env",
-    "backup_dsn_from_env",
     "find_pg_dump_candidates",
     "list_backups",
     "run_backup",

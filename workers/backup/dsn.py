@@ -15,8 +15,7 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict
 
-# Order matters: a dedicated (ideally read-only) backup role first, then the app's DSN.
-BACKUP_DSN_VARIABLES = ("BACKUP_DATABASE_URL", "DATABASE_URL")
+# Which DSN a backup uses is workers.core.dsn's rule (role `backup`).
 
 # libpq keyword -> the environment variable libpq reads for it (libpq docs, 34.15).
 _ENV_FOR_KEYWORD = {
@@ -89,16 +88,6 @@ class PgConnection:
     @property
     def secrets(self) -> tuple[str, ...]:
         return (self.password,) if self.password else ()
-
-
-def backup_dsn_from_env(environ: Mapping[str, str] | None = None) -> str | None:
-    """`BACKUP_DATABASE_URL`, else `DATABASE_URL`; None when neither is set."""
-    environ = os.environ if environ is None else environ
-    for name in BACKUP_DSN_VARIABLES:
-        value = environ.get(name, "").strip()
-        if value:
-            return value
-    return None
 
 
 def parse_dsn(dsn: str) -> PgConnection:

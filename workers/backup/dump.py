@@ -35,7 +35,6 @@ from pathlib import Path
 from workers.backup.dsn import (
     DsnError,
     PgConnection,
-    backup_dsn_from_env,
     child_environment,
     parse_dsn,
     password_needs_env,
@@ -55,7 +54,8 @@ from workers.backup.manifest import (
     write_manifest,
 )
 from workers.backup.retention import apply_retention, new_run_id
-from workers.errors import Cancelled, PermanentError, TransientError
+from workers.core.dsn import dsn_for
+from workers.core.errors import Cancelled, PermanentError, TransientError
 
 log = logging.getLogger("jobvisor.backup")
 
@@ -112,7 +112,7 @@ class BackupSettings:
         """Read BACKUP_* variables. `dsn` is the fallback when neither
         BACKUP_DATABASE_URL nor DATABASE_URL is set (e.g. the embedded server's)."""
         env = os.environ if environ is None else environ
-        chosen = backup_dsn_from_env(env) or dsn
+        chosen = dsn_for("backup", env) or dsn
         if not chosen:
             raise BackupConfigError("no database for backups: set BACKUP_DATABASE_URL")
         keep_last = _optional_number(env, "BACKUP_KEEP_LAST", DEFAULT_KEEP_LAST, int)

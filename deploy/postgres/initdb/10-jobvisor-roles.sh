@@ -4,7 +4,7 @@
 # socket, in the database POSTGRES_DB.
 #
 #   jobvisor_worker        NOLOGIN group; the migrations grant the queue and the
-#                          learning functions to it (sql/003_learning.sql)
+#                          learning functions to it (sql/003_worker_role.sql, workers/learning/sql/)
 #   jobvisor_app           LOGIN, member of jobvisor_worker, owns the database: runs the
 #                          migrations and the supervisor (DATABASE_URL)
 #   jobvisor_worker_login  LOGIN, member of jobvisor_worker and nothing else: the

@@ -1,0 +1,212 @@
+"""`jobvisor enqueue`, `jobvisor status` and `jobvisor jobs show|retry|cancel`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from supervisor_app.cli.batches import check_callback_url
+from supervisor_app.cli.common import check_type, connect, json_payload, max_attempts
+from workers.core import queue
+from workers.core.commands import EXIT_OK, BadInput, CommandKit, Failed
+
+ENQUEUE_CHUNK = 5000
+
+
+def register(sub: Any, kit: CommandKit) -> None:
+    add = kit.add
+    sp = add("enqueue", cmd_enqueue, "enqueue one job (--payload) or many (--file, JSON lines)", sub)
+    sp.add_argument("job_type", metavar="TYPE")
+    sp.add_argument("--payload", help="the job's JSON payload")
+    sp.add_argument("--file", help="JSON lines, one payload per line ('-' for stdin)")
+    sp.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    sp.add_argument("--delay", type=kit.duration, default=0.0,
+                    help="run after this delay (e.g. 30s)")
+    sp.add_argument("--key", help="idempotency key: a live job with it is returned instead")
+    sp.add_argument("--max-attempts", type=int, help="attempts before failing (default: type's)")
+    sp.add_argument("--batch", help="batch id for all jobs")
+    sp.add_argument("--callback-url", metavar="URL",
+                    help="POST a signed notification here when the job finishes (with "
+                         "--batch: once, when the whole batch has); see docs/webhooks.md")
+
+    sp = add("status", cmd_status, "queue counts per type, plus workers and plan of a "
+             "running supervisor", sub)
+    sp.add_argument("--json", action="store_true", help="one JSON object")
+
+    jsub = kit.group("jobs", "inspect and act on one job", sub, "jobs_command")
+    sp = add("show", cmd_jobs_show, "show a job", jsub)
+    sp.add_argument("id", type=int)
+    sp.add_argument("--json", action="store_true")
+    sp = add("retry", cmd_jobs_retry, "queue a failed or cancelled job again", jsub)
+    sp.add_argument("id", type=int)
+    sp = add("cancel", cmd_jobs_cancel, "cancel a queued job or ask a running one to stop", jsub)
+    sp.add_argument("id", type=int)
+
+
+def _payloads_from_file(path: Path) -> Iterator[Any]:
+    try:
+        handle = sys.stdin if str(path) == "-" else path.open(encoding="utf-8")
+    except OSError as exc:
+        raise BadInput(f"{path}: {exc.strerror}") from exc
+    with handle:
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                yield json_payload(line, f"{path}:{lineno}")
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    check_type(args.job_type)
+    if (args.payload is None) == (args.file is None):
+        raise BadInput("give exactly one of --payload JSON or --file PATH")
+    if args.max_attempts is not None and args.max_attempts < 1:
+        raise BadInput(f"--max-attempts must be >= 1, got {args.max_attempts}")
+    if args.file is not None and args.key:
+        raise BadInput("--key applies to one job; use --payload with --key")
+    attempts = args.max_attempts or max_attempts(args.job_type)
+    callback = check_callback_url(args.callback_url)  # a refused host: exit 2, nothing sent
+
+    def new(payload: Any) -> queue.NewJob:
+        return queue.NewJob(args.job_type, payload, priority=args.priority, delay=args.delay,
+                            max_attempts=attempts, key=args.key, batch_id=args.batch,
+                            callback_url=None if args.batch is not None else callback)
+
+    payloads: Iterator[Any] = (
+        iter([json_payload(args.payload, "--payload")]) if args.payload is not None
+        else _payloads_from_file(Path(args.file))
+    )
+    # A batch is filled in one transaction: it must not finish (and fire its webhook)
+    # between two chunks.
+    batch = args.batch is not None
+    with connect() as conn, (conn.transaction() if batch else contextlib.nullcontext()):
+        if batch:
+            try:
+                queue.create_batch(conn, args.batch, callback_url=callback)
+            except ValueError as exc:
+                raise BadInput(f"--batch: {exc}") from None
+        chunk: list[queue.NewJob] = []
+        for payload in payloads:
+            chunk.append(new(payload))
+            if len(chunk) >= ENQUEUE_CHUNK:
+                _print_ids(queue.enqueue_many(conn, chunk))
+                chunk = []
+        if chunk:
+            _print_ids(queue.enqueue_many(conn, chunk))
+    return EXIT_OK
+
+
+def _print_ids(ids: list[int]) -> None:
+    sys.stdout.write("".join(f"{i}\n" for i in ids))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with connect() as conn:
+        queues = queue.status_counts(conn)
+        workers, plan, readings, served = _supervisor_view(conn)
+        # Text only: the --json shape is a documented contract (DESIGN.md).
+        running = [] if args.json else queue.running_jobs(conn, limit=20)
+    # Queues with jobs waiting that no live supervisor serves (kept, never failed for it).
+    unserved = sorted(t for t, c in queues.items() if c["queued"] and t not in served)
+    out = {"queues": queues, "workers": workers, "plan": plan, "unserved": unserved}
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+        return EXIT_OK
+    for t in unserved:
+        print(f"warning: {queues[t]['queued']} job(s) of type {t!r} are queued and no running "
+              "supervisor serves that type", file=sys.stderr)
+    print(f"{'type':<14}{'queued':>8}{'leased':>8}{'done':>9}{'failed':>8}{'cancel':>8}"
+          f"{'oldest s':>10}")
+    for job_type, c in sorted(queues.items()):
+        print(f"{job_type:<14}{c['queued']:>8}{c['leased']:>8}{c['completed']:>9}"
+              f"{c['failed']:>8}{c['cancelled']:>8}{c['oldest_queued_s']:>10.1f}")
+    for host, r in readings:
+        gpus = ", ".join(f"gpu{g['index']} {g['free_bytes'] // 2**20} MiB free"
+                         for g in r.get("gpus", [])) or "no GPU"
+        print(f"\n{host}: RAM {r['memory_available'] // 2**20} MiB available, "
+              f"{r['cpu_count']} CPUs, {gpus}")
+    if plan:
+        print("plan: " + ", ".join(f"{t}={p['processes']} ({p['reason']})"
+                                   for t, p in sorted(plan.items())))
+    for w in workers:
+        print(f"  {w['job_type']}[{w['slot']}] pid={w['pid']} {w['state']} "
+              f"rss={w['rss_bytes'] // 2**20}MiB")
+    if running:
+        print("\nrunning (longest first):")
+    for r in running:
+        done = "" if r["progress"] is None else f" {r['progress']:.0%}"
+        print(f"  job {r['id']} {r['job_type']}{done} attempt {r['attempts']}/"
+              f"{r['max_attempts']} since {r['started_at']}")
+    return EXIT_OK
+
+
+def _supervisor_view(
+    conn: psycopg.Connection,
+) -> tuple[list[dict], dict[str, dict], list[tuple[str, dict]], set[str]]:
+    """Workers, plan, machine readings and served types of live supervisors (published
+    in the database)."""
+    from supervisor_app.registry_table import live_supervisors, served_types
+
+    workers: list[dict] = []
+    plan: dict[str, dict] = {}
+    readings: list[tuple[str, dict]] = []
+    states = live_supervisors(conn)
+    for state in states:
+        workers.extend(state.get("workers", []))
+        if state.get("readings"):
+            readings.append((state["supervisor"]["host"], state["readings"]))
+        for job_type, entry in state.get("plan", {}).items():
+            merged = plan.setdefault(job_type, {"processes": 0, "reason": entry["reason"]})
+            merged["processes"] += entry["processes"]
+    return workers, plan, readings, served_types(states)
+
+
+def _job_or_fail(conn: psycopg.Connection, job_id: int) -> dict[str, Any]:
+    job = queue.get_job(conn, job_id)
+    if job is None:
+        raise BadInput(f"job {job_id}: no such job")
+    return job
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    with connect() as conn:
+        job = queue.jsonable(_job_or_fail(conn, args.id))
+    if args.json:
+        print(json.dumps(job, sort_keys=True, default=str))
+    else:
+        for key, value in job.items():
+            if value is None or key == "errors":
+                continue
+            shown = json.dumps(value, default=str) if key in ("payload", "result") else value
+            print(f"{key:>16}: {shown}")
+        for e in job.get("errors") or []:  # each attempt's error, oldest first (last 10)
+            print(f"{'attempt ' + str(e.get('attempt')):>16}: {e.get('code')} at {e.get('at')}"
+                  f" — {e.get('message') or ''}")
+    return EXIT_OK
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    with connect() as conn:
+        job = _job_or_fail(conn, args.id)
+        if not queue.retry_failed(conn, args.id):
+            raise Failed(f"job {args.id} is {job['status']}: only failed or cancelled jobs can "
+                         "be retried (or its idempotency key is held by a newer job)")
+    print(f"job {args.id} queued again")
+    return EXIT_OK
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    with connect() as conn:
+        job = _job_or_fail(conn, args.id)
+        outcome = queue.cancel(conn, args.id)
+    if outcome is None:
+        raise Failed(f"job {args.id} is already {job['status']}")
+    print(f"job {args.id}: {outcome.replace('_', ' ')}")
+    return EXIT_OK
+
+

@@ -1,0 +1,55 @@
+"""Which database a process talks to, by role, and how to name it without its secrets.
+
+One rule for every caller (README, "Database roles"):
+
+| role     | who                                            | variables, first set wins              |
+|----------|------------------------------------------------|----------------------------------------|
+| `owner`  | migrations, the supervisor's own duties, the   | `DATABASE_URL`                         |
+|          | operator CLI (`enqueue`, `jobs`, `submit`, ...)|                                        |
+| `worker` | child processes, the operator health probe     | `LEARNING_DATABASE_URL`, `DATABASE_URL`|
+| `backup` | `pg_dump` in the `backup` job                  | `BACKUP_DATABASE_URL`, `DATABASE_URL`  |
+
+With none set, every role uses the embedded PostgreSQL (supervisor_app.embedded), which
+the supervisor hands its children as `DATABASE_URL`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+from psycopg.conninfo import conninfo_to_dict
+
+Role = Literal["owner", "worker", "backup"]
+
+ROLE_VARIABLES: dict[str, tuple[str, ...]] = {
+    "owner": ("DATABASE_URL",),
+    # The worker's own least-privilege role (seeds' runbook), else the owner's DSN.
+    "worker": ("LEARNING_DATABASE_URL", "DATABASE_URL"),
+    # A dedicated (ideally read-only) backup role, else the owner's DSN.
+    "backup": ("BACKUP_DATABASE_URL", "DATABASE_URL"),
+}
+
+
+def dsn_for(role: Role, environ: Mapping[str, str] | None = None) -> str | None:
+    """The DSN `role` connects with, from the environment; None: use the embedded one."""
+    if role not in ROLE_VARIABLES:
+        raise ValueError(f"unknown database role {role!r} (one of {', '.join(ROLE_VARIABLES)})")
+    env = os.environ if environ is None else environ
+    for name in ROLE_VARIABLES[role]:
+        value = (env.get(name) or "").strip()
+        if value:
+            return value
+    return None
+
+
+def describe(dsn: str) -> str:
+    """`host:port/dbname` for messages: never the password or the user."""
+    try:
+        info = conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001 - a malformed DSN must not leak through the error
+        return "<unparseable DSN>"
+    host = info.get("host") or info.get("hostaddr") or "localhost"
+    port = info.get("port") or "5432"
+    return f"{host}:{port}/{info.get('dbname') or info.get('user') or ''}".rstrip("/")

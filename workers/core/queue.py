@@ -1,0 +1,1061 @@
+"""Every statement jobvisor sends to its queue table lives here.
+
+Each statement is named, guarded by the state it expects, and bulk work passes arrays
+that are unnested, so a round trip serves many jobs. Writes that finish a job are
+fenced by the job's `lease_key`: a worker whose lease was lost changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.pq import TransactionStatus
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from workers.core import plugins, webhooks
+from workers.core.errors import MAX_MESSAGE
+from workers.core.plugins import JobEvent
+
+STATUSES = ("queued", "leased", "completed", "failed", "cancelled")
+CANCEL_CHANNEL = "jobvisor_cancel"
+MAX_ERRORS = 10  # attempts whose errors a job keeps (sql/006, jobvisor.push_error)
+
+
+def jobs_channel(job_type: str) -> str:
+    """The channel a type's workers LISTEN on; mirrors `jobvisor.jobs_channel` (sql/006)."""
+    if len(job_type) <= 60:
+        return f"jv_{job_type}"
+    return f"jv_{job_type[:51]}_{hashlib.md5(job_type.encode()).hexdigest()[:8]}"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """One job to enqueue. `delay` is seconds from now."""
+
+    job_type: str
+    payload: Any = field(default_factory=dict)
+    priority: int = 0
+    delay: float = 0.0
+    max_attempts: int = 5
+    key: str | None = None
+    sticky_key: bool = False
+    batch_id: str | None = None
+    # POSTed a signed notification when the job finishes (docs/webhooks.md); checked
+    # against the allow-list at enqueue.
+    callback_url: str | None = None
+
+
+@dataclass(frozen=True)
+class LeasedJob:
+    id: int
+    job_type: str
+    payload: Any
+    attempt: int
+    max_attempts: int
+    lease_key: uuid.UUID
+    priority: int
+    batch_id: str | None
+    # Held by a worker that died beside other jobs: run it alone (sql/006).
+    suspect: bool = False
+    # Why the payload could not be decoded (the job then fails as `payload_invalid`).
+    payload_error: str | None = None
+
+
+def _decode_payload(text: str | None) -> tuple[Any, str | None]:
+    """Decode a payload in the worker, not in the driver: a payload that any producer
+    could store but Python can't load (nesting deeper than the recursion limit) fails
+    its own job instead of the lease that fetched it."""
+    if text is None:
+        return None, None
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "payload nesting is too deep to decode"
+    except ValueError as exc:
+        return None, f"payload is not valid JSON: {type(exc).__name__}"
+
+
+def _clip(message: str | None) -> str | None:
+    return None if message is None else message[:MAX_MESSAGE]
+
+
+# --- enqueue -------------------------------------------------------------------------
+
+_ENQUEUE = """
+INSERT INTO jobvisor.jobs AS j
+    (job_type, payload, priority, visible_at, max_attempts, idempotency_key, key_sticky, batch_id,
+     callback_url)
+SELECT t, p, pr, now() + make_interval(secs => d), m, k, s, b, c
+FROM unnest(%(types)s::text[], %(payloads)s::jsonb[], %(priorities)s::int[],
+            %(delays)s::float8[], %(max_attempts)s::int[], %(keys)s::text[],
+            %(sticky)s::bool[], %(batches)s::text[], %(callbacks)s::text[])
+     WITH ORDINALITY AS n(t, p, pr, d, m, k, s, b, c, ord)
+ORDER BY ord
+ON CONFLICT (idempotency_key)
+    WHERE idempotency_key IS NOT NULL AND (status IN ('queued', 'leased') OR key_sticky)
+    DO NOTHING
+RETURNING j.id, j.idempotency_key
+"""
+
+_EXISTING_BY_KEY = """
+SELECT idempotency_key, id FROM jobvisor.jobs
+WHERE idempotency_key = ANY(%(keys)s)
+  AND (status IN ('queued', 'leased') OR key_sticky)
+"""
+
+
+@contextlib.contextmanager
+def _atomic(conn: psycopg.Connection) -> Iterator[None]:
+    """One transaction around a status change and its plug-in outcomes: the caller's,
+    when it is in one (or will commit the implicit one), else one of our own."""
+    if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+        with conn.transaction():
+            yield
+    else:
+        yield
+
+
+def _outcomes(conn: psycopg.Connection, events: list[JobEvent]) -> None:
+    """Tell the plug-ins whose types these are (workers.core.plugins.dispatch_outcomes)."""
+    if events and plugins.wants_outcomes({e.job_type for e in events}):
+        plugins.dispatch_outcomes(conn, events)
+
+
+def enqueue_many(conn: psycopg.Connection, jobs: Sequence[NewJob]) -> list[int]:
+    """Insert jobs in one round trip; returns ids in input order.
+
+    A job whose idempotency key is already held by a live job (or a finished sticky
+    one) is not inserted: its position gets the existing job's id instead. A callback
+    URL outside the allow-list raises `webhooks.WebhookURLError` before anything is sent.
+    """
+    if not jobs:
+        return []
+    return _enqueue_rows(conn, jobs, _ENQUEUE, {})
+
+
+def _enqueue_rows(conn: psycopg.Connection, jobs: Sequence[NewJob], sql: str,
+                  extra: dict[str, Any]) -> list[int]:
+    _check_callbacks(j.callback_url for j in jobs)
+    params = extra | {
+        "types": [j.job_type for j in jobs],
+        "payloads": [Jsonb(j.payload) for j in jobs],
+        "priorities": [j.priority for j in jobs],
+        "delays": [float(j.delay) for j in jobs],
+        "max_attempts": [j.max_attempts for j in jobs],
+        "keys": [j.key for j in jobs],
+        "sticky": [j.sticky_key for j in jobs],
+        "batches": [j.batch_id for j in jobs],
+        "callbacks": [j.callback_url for j in jobs],
+    }
+    rows = conn.execute(sql, params).fetchall()
+    keyless = [r[0] for r in rows if r[1] is None]
+    by_key = {r[1]: r[0] for r in rows if r[1] is not None}
+    missing = [j.key for j in jobs if j.key is not None and j.key not in by_key]
+    if missing:
+        for key, job_id in conn.execute(_EXISTING_BY_KEY, {"keys": missing}).fetchall():
+            by_key[key] = job_id
+    ids: list[int] = []
+    keyless_iter = iter(keyless)
+    for j in jobs:
+        if j.key is None:
+            ids.append(next(keyless_iter))
+        elif j.key in by_key:
+            ids.append(by_key[j.key])
+        else:  # the holder finished between our insert and our look-up: try once more
+            ids.append(enqueue_many(conn, [j])[0])
+    return ids
+
+
+def enqueue(conn: psycopg.Connection, job: NewJob) -> int:
+    return enqueue_many(conn, [job])[0]
+
+
+# --- lease -----------------------------------------------------------------------------
+
+_LEASE = """
+WITH suspect AS (
+    -- A suspect only for a process that holds nothing else, and then nothing more.
+    SELECT id FROM jobvisor.jobs
+    WHERE %(alone)s AND job_type = %(type)s AND status = 'queued' AND suspect
+      AND visible_at <= now()
+    ORDER BY priority DESC, visible_at, id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), plain AS (
+    SELECT id FROM jobvisor.jobs
+    WHERE job_type = %(type)s AND status = 'queued' AND visible_at <= now() AND NOT suspect
+      AND NOT EXISTS (SELECT 1 FROM suspect)
+    ORDER BY priority DESC, visible_at, id
+    LIMIT %(n)s
+    FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT id FROM suspect UNION ALL SELECT id FROM plain
+),
+-- A lease need not wait for the disk: the log is flushed in order, so the fenced
+-- (synchronous) completion that depends on it makes it durable first; a crash can only
+-- lose a lease nothing depends on, and that job is simply queued again.
+relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
+UPDATE jobvisor.jobs j
+SET status = 'leased', lease_key = gen_random_uuid(), leased_by = %(by)s,
+    leased_until = now() + make_interval(secs => %(lease)s),
+    attempts = j.attempts + 1, started_at = now(), updated_at = now()
+FROM picked, relaxed
+WHERE j.id = picked.id
+-- The payload as text: decoded per job by the worker (see _decode_payload).
+RETURNING j.id, j.job_type, j.payload::text, j.attempts, j.max_attempts, j.lease_key,
+          j.priority, j.batch_id, j.suspect
+"""
+
+_SUSPECT_WAITING = """
+SELECT EXISTS (SELECT 1 FROM jobvisor.jobs
+               WHERE job_type = %(type)s AND status = 'queued' AND suspect
+                 AND visible_at <= now())
+"""
+
+
+def suspect_waiting(conn: psycopg.Connection, job_type: str) -> bool:
+    """Whether a suspect of this type waits for a process that holds nothing (an index
+    probe of jobs_suspects: cheap whatever the backlog)."""
+    return bool(conn.execute(_SUSPECT_WAITING, {"type": job_type}).fetchone()[0])
+
+
+_LEASED_COUNT = """
+SELECT count(*) FROM jobvisor.jobs WHERE job_type = %(type)s AND status = 'leased'
+"""
+
+
+def lease(
+    conn: psycopg.Connection,
+    job_type: str,
+    n: int,
+    *,
+    worker_id: str,
+    lease_seconds: float,
+    global_limit: int | None = None,
+    alone: bool = False,
+) -> list[LeasedJob]:
+    """Lease up to `n` jobs of one type: highest priority first, then oldest.
+
+    With `alone` (the caller holds no job), a suspect job is leased first and then alone:
+    the caller must lease nothing more while it holds a suspect. With `global_limit`,
+    leasing of this type is serialised by an advisory lock so the number of leased jobs
+    across every host never exceeds it.
+    """
+    if n <= 0:
+        return []
+    params = {"type": job_type, "n": n, "by": worker_id, "lease": float(lease_seconds),
+              "alone": alone}
+    if global_limit is None:
+        rows = conn.execute(_LEASE, params).fetchall()
+    else:
+        with conn.transaction():
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('jobvisor.lease'), hashtext(%s))",
+                (job_type,),
+            )
+            (held,) = conn.execute(_LEASED_COUNT, params).fetchone()
+            params["n"] = max(0, min(n, global_limit - held))
+            rows = conn.execute(_LEASE, params).fetchall() if params["n"] else []
+    jobs = []
+    for r in rows:
+        payload, error = _decode_payload(r[2])
+        jobs.append(LeasedJob(r[0], r[1], payload, r[3], r[4], r[5], r[6], r[7],
+                              suspect=r[8], payload_error=error))
+    jobs.sort(key=lambda j: (-j.priority, j.id))
+    return jobs
+
+
+# --- while running ----------------------------------------------------------------------
+
+_HEARTBEAT = """
+UPDATE jobvisor.jobs j
+SET leased_until = now() + make_interval(secs => %(lease)s), updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[]) AS d(id, lease_key)
+WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
+RETURNING j.id, j.cancel_requested
+"""
+
+
+def heartbeat(
+    conn: psycopg.Connection, leases: Sequence[tuple[int, uuid.UUID]], lease_seconds: float
+) -> dict[int, bool]:
+    """Extend the leases still held; returns {job id: cancel requested} for those."""
+    if not leases:
+        return {}
+    rows = conn.execute(
+        _HEARTBEAT,
+        {
+            "lease": float(lease_seconds),
+            "ids": [i for i, _ in leases],
+            "keys": [k for _, k in leases],
+        },
+    ).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+_PROGRESS = """
+UPDATE jobvisor.jobs j
+SET progress = d.progress, progress_note = left(d.note, 200), updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[], %(progress)s::real[], %(notes)s::text[])
+     AS d(id, lease_key, progress, note)
+WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
+"""
+
+
+def save_progress(
+    conn: psycopg.Connection, items: Sequence[tuple[int, uuid.UUID, float, str | None]]
+) -> None:
+    if not items:
+        return
+    conn.execute(
+        _PROGRESS,
+        {
+            "ids": [i[0] for i in items],
+            "keys": [i[1] for i in items],
+            "progress": [min(1.0, max(0.0, float(i[2]))) for i in items],
+            "notes": [i[3] for i in items],
+        },
+    )
+
+
+# --- finished counts -------------------------------------------------------------------
+# Finished jobs are counted in jobvisor.job_counts (sql/007) by the very statement that
+# moves a job into a finished status or out of one, as a data-modifying CTE (always run,
+# referenced or not): the counts commit or roll back with the change, and reading them
+# needs no scan of the retained finished rows. Each (type, status) is summed over shards;
+# `jobvisor.count_shard` gives the writer one no other transaction holds, so concurrent
+# acknowledgements never wait on each other's counter row.
+
+FINISHED = ("completed", "failed", "cancelled")
+
+
+def _counted(rows: str, *, status: str = "status", sign: str = "") -> str:
+    """The CTE `counted` that adds (or, with sign '-', takes off) the finished rows of
+    CTE `rows`, by `job_type` and the `status` column named."""
+    return f"""counted AS (
+    INSERT INTO jobvisor.job_counts AS c (job_type, status, shard, n)
+    SELECT g.job_type, g.status, jobvisor.count_shard(g.job_type, g.status), g.n
+    FROM (SELECT job_type, {status} AS status, {sign}count(*) AS n FROM {rows}
+          WHERE {status} IN ('completed', 'failed', 'cancelled')
+          GROUP BY 1, 2) g
+    ORDER BY g.job_type, g.status
+    ON CONFLICT (job_type, status, shard) DO UPDATE SET n = c.n + excluded.n
+)"""
+
+
+# --- finishing (fenced) ---------------------------------------------------------------
+
+# Finishing statements stamp clock_timestamp(): a statement in a transaction that began
+# before the work (a handler's own) must still record when the job really finished.
+_COMPLETE = f"""
+WITH changed AS (
+    UPDATE jobvisor.jobs j
+    SET status = 'completed', result = d.result, progress = 1, lease_key = NULL,
+        leased_until = NULL, error_code = NULL, error_message = NULL,
+        finished_at = clock_timestamp(), updated_at = clock_timestamp()
+    FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[], %(results)s::jsonb[])
+         AS d(id, lease_key, result)
+    WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
+    RETURNING j.id, j.job_type, j.status
+), {_counted("changed")}
+SELECT id FROM changed
+"""
+
+
+def complete_many(
+    conn: psycopg.Connection, items: Sequence[tuple[int, uuid.UUID, Any]], *,
+    encoded: bool = False,
+) -> set[int]:
+    """Complete many jobs in one statement; returns the ids whose lease still held.
+
+    With `encoded`, each result is already JSON text (or None), as the runtime checks it
+    before the batch is sent (see `encode_result`).
+    """
+    if not items:
+        return set()
+    if encoded:
+        results: list[Any] = [i[2] for i in items]
+    else:
+        results = [None if i[2] is None else Jsonb(i[2]) for i in items]
+    rows = conn.execute(
+        _COMPLETE,
+        {"ids": [i[0] for i in items], "keys": [i[1] for i in items], "results": results},
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def complete(conn: psycopg.Connection, job_id: int, lease_key: uuid.UUID, result: Any, *,
+             encoded: bool = False) -> bool:
+    return bool(complete_many(conn, [(job_id, lease_key, result)], encoded=encoded))
+
+
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+class ResultError(ValueError):
+    """A handler's result that jsonb cannot hold."""
+
+
+def encode_result(result: Any) -> str | None:
+    """The result as the JSON text jsonb will accept, or ResultError naming why not.
+
+    `json.dumps` accepts what jsonb refuses: NaN and Infinity, NUL characters (jsonb
+    text can't hold U+0000) and lone surrogates (not UTF-8).
+    """
+    if result is None:
+        return None
+    try:
+        text = json.dumps(result, allow_nan=False, ensure_ascii=False)
+    except RecursionError:
+        raise ResultError("result nesting is too deep") from None
+    except (TypeError, ValueError) as exc:
+        raise ResultError(f"result is not JSON: {exc}"[:200]) from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ResultError("result holds a lone surrogate (not UTF-8)") from None
+    if _NUL_ESCAPE.search(text):
+        raise ResultError("result holds a NUL character (\\u0000), which jsonb can't store")
+    return text
+
+
+# Cancel wins: a job whose cancel was requested ends cancelled rather than running again.
+# Counted by the new status, so only when the job did finish (not when queued again).
+_RETRY_OR_FAIL = f"""
+WITH changed AS (
+    UPDATE jobvisor.jobs j
+    SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
+                      WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'queued' END,
+        visible_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts
+                          THEN j.visible_at
+                          ELSE clock_timestamp() + make_interval(secs => %(delay)s) END,
+        finished_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts
+                           THEN clock_timestamp() END,
+        lease_key = NULL, leased_until = NULL,
+        error_code = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE %(code)s END,
+        error_message = CASE WHEN j.cancel_requested THEN 'cancelled by request'
+                             ELSE %(message)s END,
+        errors = jobvisor.push_error(j.errors, j.attempts, %(code)s, %(message)s),
+        updated_at = clock_timestamp()
+    WHERE j.id = %(id)s AND j.lease_key = %(key)s AND j.status = 'leased'
+    RETURNING j.job_type, j.status, j.error_code
+), {_counted("changed")}
+SELECT status, job_type, error_code FROM changed
+"""
+
+_FAIL = f"""
+WITH changed AS (
+    UPDATE jobvisor.jobs j
+    SET status = %(status)s, finished_at = clock_timestamp(), lease_key = NULL,
+        leased_until = NULL, error_code = %(code)s, error_message = %(message)s,
+        errors = jobvisor.push_error(j.errors, j.attempts, %(code)s, %(message)s),
+        updated_at = clock_timestamp()
+    WHERE j.id = %(id)s AND j.lease_key = %(key)s AND j.status = 'leased'
+    RETURNING j.job_type, j.status, j.error_code
+), {_counted("changed")}
+SELECT status, job_type, error_code FROM changed
+"""
+
+
+def retry(
+    conn: psycopg.Connection,
+    job_id: int,
+    lease_key: uuid.UUID,
+    *,
+    code: str,
+    message: str | None,
+    delay: float,
+) -> str | None:
+    """Queue the job again after `delay`, or fail it when its attempts are used up (or
+    cancel it, when a cancel was requested meanwhile). The attempt's error is added to
+    the job's history.
+
+    Returns the new status, or None when the lease was lost (nothing changed).
+    """
+    with _atomic(conn):
+        row = conn.execute(
+            _RETRY_OR_FAIL,
+            {"id": job_id, "key": lease_key, "code": code, "message": _clip(message),
+             "delay": float(delay)},
+        ).fetchone()
+        if row:
+            _outcomes(conn, [JobEvent(job_id, row[1], "leased", row[0], row[2])])
+    return row[0] if row else None
+
+
+def fail(
+    conn: psycopg.Connection,
+    job_id: int,
+    lease_key: uuid.UUID,
+    *,
+    code: str,
+    message: str | None,
+    status: str = "failed",
+) -> bool:
+    """Finish the job as failed (or cancelled) now, whatever attempts are left."""
+    if status not in ("failed", "cancelled"):
+        raise ValueError(f"fail() cannot set status {status!r}")
+    with _atomic(conn):
+        row = conn.execute(
+            _FAIL,
+            {"id": job_id, "key": lease_key, "code": code, "message": _clip(message),
+             "status": status},
+        ).fetchone()
+        if row:
+            _outcomes(conn, [JobEvent(job_id, row[1], "leased", row[0], row[2])])
+    return row is not None
+
+
+_PUT_BACK = f"""
+WITH back AS (
+    UPDATE jobvisor.jobs j
+    SET status = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE 'queued' END,
+        finished_at = CASE WHEN j.cancel_requested THEN clock_timestamp() END,
+        error_code = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE j.error_code END,
+        error_message = CASE WHEN j.cancel_requested THEN 'cancelled by request'
+                             ELSE j.error_message END,
+        attempts = greatest(j.attempts - 1, 0), lease_key = NULL, leased_until = NULL,
+        suspect = j.suspect OR %(suspect)s,
+        visible_at = clock_timestamp(), updated_at = clock_timestamp()
+    FROM unnest(%(ids)s::bigint[], %(keys)s::uuid[]) AS d(id, lease_key)
+    WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
+    RETURNING j.id, j.job_type, j.status, j.error_code
+), {_counted("back")}
+-- Identical notifications in one transaction are delivered once.
+SELECT id, job_type, status, error_code,
+       CASE WHEN status = 'queued' THEN pg_notify(jobvisor.jobs_channel(job_type), '') END
+FROM back
+"""
+
+
+def put_back(conn: psycopg.Connection, leases: Sequence[tuple[int, uuid.UUID]], *,
+             suspect: bool = False) -> set[int]:
+    """Return unfinished jobs to the queue without counting the attempt (shutdown).
+
+    With `suspect`, they were beside a job that took their process down (memory): each
+    then runs alone. A job whose cancel was requested is cancelled instead.
+    """
+    if not leases:
+        return set()
+    with _atomic(conn):
+        rows = conn.execute(
+            _PUT_BACK, {"ids": [i for i, _ in leases], "keys": [k for _, k in leases],
+                        "suspect": suspect}
+        ).fetchall()
+        _outcomes(conn, [JobEvent(r[0], r[1], "leased", r[2], r[3]) for r in rows])
+    return {r[0] for r in rows}
+
+
+# --- housekeeping (supervisor, CLI) -------------------------------------------------------
+
+_RESCUE = f"""
+WITH expired AS (
+    SELECT id FROM jobvisor.jobs
+    WHERE status = 'leased' AND leased_until < now()
+    FOR UPDATE SKIP LOCKED
+), changed AS (
+    UPDATE jobvisor.jobs j
+    SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
+                      WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'queued' END,
+        finished_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts
+                           THEN clock_timestamp() END,
+        visible_at = clock_timestamp(), lease_key = NULL, leased_until = NULL,
+        error_code = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE %(code)s END,
+        error_message = CASE WHEN j.cancel_requested THEN 'cancelled by request'
+                             ELSE %(message)s END,
+        errors = jobvisor.push_error(j.errors, j.attempts, %(code)s, %(message)s),
+        updated_at = clock_timestamp()
+    FROM expired
+    WHERE j.id = expired.id
+    RETURNING j.id, j.job_type, j.status, j.error_code
+), {_counted("changed")}
+SELECT c.id, c.job_type, c.status, c.error_code,
+       CASE WHEN c.status = 'queued' THEN pg_notify(jobvisor.jobs_channel(c.job_type), '') END
+FROM changed c
+"""
+
+# A dead worker's leases. Held alone, the job is the culprit and its attempt counts (it
+# fails once attempts are used up). Held beside others, nobody knows which did it: all
+# go back uncounted as suspects, and each then runs alone (see `lease`), so a second
+# death is charged to the one that caused it. Prefetched jobs count as held: the
+# database can't tell them from started ones, and a re-run alone costs them only a wait.
+_RESCUE_WORKER = f"""
+WITH held AS (
+    SELECT id FROM jobvisor.jobs
+    WHERE status = 'leased' AND leased_by = %(by)s
+    FOR UPDATE
+), alone AS (
+    SELECT count(*) = 1 AS yes FROM held
+), changed AS (
+    UPDATE jobvisor.jobs j
+    SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
+                      WHEN a.yes AND j.attempts >= j.max_attempts THEN 'failed'
+                      ELSE 'queued' END,
+        finished_at = CASE WHEN j.cancel_requested OR (a.yes AND j.attempts >= j.max_attempts)
+                           THEN clock_timestamp() END,
+        attempts = CASE WHEN a.yes THEN j.attempts ELSE greatest(j.attempts - 1, 0) END,
+        suspect = true,
+        visible_at = clock_timestamp(), lease_key = NULL, leased_until = NULL,
+        error_code = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE %(code)s END,
+        error_message = CASE WHEN j.cancel_requested THEN 'cancelled by request'
+                             WHEN a.yes THEN %(message)s
+                             ELSE %(message)s || ' beside other jobs (not counted; runs alone next)'
+                        END,
+        errors = jobvisor.push_error(j.errors, j.attempts, %(code)s,
+                                     CASE WHEN a.yes THEN %(message)s
+                                          ELSE %(message)s || ' beside other jobs (not counted)'
+                                     END),
+        updated_at = clock_timestamp()
+    FROM held, alone a
+    WHERE j.id = held.id
+    RETURNING j.id, j.job_type, j.status, a.yes, j.error_code
+), {_counted("changed")}
+SELECT c.id, c.job_type, c.status, c.yes, c.error_code,
+       CASE WHEN c.status = 'queued' THEN pg_notify(jobvisor.jobs_channel(c.job_type), '') END
+FROM changed c
+"""
+
+WORKER_DIED = "worker_died"
+
+
+def rescue(conn: psycopg.Connection, *, leased_by: str | None = None,
+           code: str = WORKER_DIED) -> list[tuple[int, str, str]]:
+    """Requeue expired leases, or (with `leased_by`) every lease of a dead worker.
+
+    Expired: the attempt that was running counts; a job out of attempts fails instead.
+    A dead worker's leases: see `rescue_worker`. Returns (id, job_type, new status).
+    """
+    if leased_by is not None:
+        return [(r[0], r[1], r[2]) for r in rescue_worker(conn, leased_by, code=code)]
+    with _atomic(conn):
+        rows = conn.execute(
+            _RESCUE, {"code": "lease_expired", "message": "lease expired before the job finished"}
+        ).fetchall()
+        _outcomes(conn, [JobEvent(r[0], r[1], "leased", r[2], r[3]) for r in rows])
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def rescue_worker(conn: psycopg.Connection, leased_by: str, *, code: str = WORKER_DIED,
+                  message: str | None = None) -> list[tuple[int, str, str, bool]]:
+    """Put a dead worker's leases back at once; returns (id, type, status, charged).
+
+    `code` says how it died (`worker_died`, `<type>_memory_exceeded`). A job it held
+    alone is charged the attempt; jobs it held together become suspects, uncounted.
+    """
+    if message is None:
+        message = ("the worker process running this job died" if code == WORKER_DIED
+                   else f"the worker process running this job was stopped: {code}")
+    with conn.transaction():
+        # Its backend may still hold a row lock for a moment after the process died.
+        conn.execute("SET LOCAL lock_timeout = '5s'")
+        rows = conn.execute(
+            _RESCUE_WORKER, {"by": leased_by, "code": code, "message": _clip(message)}
+        ).fetchall()
+        _outcomes(conn, [JobEvent(r[0], r[1], "leased", r[2], r[4]) for r in rows])
+    return [(r[0], r[1], r[2], bool(r[3])) for r in rows]
+
+
+_CANCEL = f"""
+WITH target AS (
+    SELECT id, status FROM jobvisor.jobs WHERE id = %(id)s FOR UPDATE
+), done AS (
+    UPDATE jobvisor.jobs j
+    SET status = CASE WHEN t.status = 'queued' THEN 'cancelled' ELSE j.status END,
+        finished_at = CASE WHEN t.status = 'queued' THEN now() ELSE j.finished_at END,
+        cancel_requested = (t.status = 'leased'), updated_at = now()
+    FROM target t
+    WHERE j.id = t.id AND t.status IN ('queued', 'leased')
+    RETURNING j.id, j.job_type, j.status, j.error_code
+), {_counted("done")}
+SELECT d.status, CASE WHEN d.status = 'leased'
+                      THEN pg_notify('jobvisor_cancel', d.id::text) END,
+       d.job_type, d.error_code
+FROM done d
+"""
+
+
+def cancel(conn: psycopg.Connection, job_id: int) -> str | None:
+    """Cancel a queued job, or ask a running one to stop ('cancel requested').
+
+    Returns 'cancelled', 'cancel_requested', or None when the job is not live.
+    """
+    with _atomic(conn):
+        row = conn.execute(_CANCEL, {"id": job_id}).fetchone()
+        if row is not None and row[0] == "cancelled":
+            _outcomes(conn, [JobEvent(job_id, row[2], "queued", "cancelled", row[3])])
+    if row is None:
+        return None
+    return "cancelled" if row[0] == "cancelled" else "cancel_requested"
+
+
+# Taken off the count of the status it leaves, read from the row it locked.
+_RETRY_FAILED = f"""
+WITH target AS (
+    SELECT id, status FROM jobvisor.jobs
+    WHERE id = %(id)s AND status IN ('failed', 'cancelled')
+    FOR UPDATE
+), changed AS (
+    UPDATE jobvisor.jobs j
+    SET status = 'queued', attempts = 0, visible_at = now(), finished_at = NULL,
+        cancel_requested = false, error_code = NULL, error_message = NULL,
+        result = NULL, progress = NULL, progress_note = NULL, updated_at = now()
+    FROM target t
+    WHERE j.id = t.id
+    RETURNING j.id, j.job_type, t.status AS was
+), {_counted("changed", status="was", sign="-")}
+SELECT id, pg_notify(jobvisor.jobs_channel(job_type), ''), job_type, was FROM changed
+"""
+
+
+def retry_failed(conn: psycopg.Connection, job_id: int) -> bool:
+    """Queue a failed or cancelled job again with fresh attempts (operator request)."""
+    try:
+        with _atomic(conn):
+            row = conn.execute(_RETRY_FAILED, {"id": job_id}).fetchone()
+            if row is not None:
+                _outcomes(conn, [JobEvent(job_id, row[2], row[3], "queued", None)])
+        return row is not None
+    except psycopg.errors.UniqueViolation:
+        # Its idempotency key is held by a newer live job: running it twice is wrong.
+        return False
+
+
+_PRUNE = f"""
+WITH gone AS (
+    DELETE FROM jobvisor.jobs
+    WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM jobvisor.jobs
+        WHERE finished_at IS NOT NULL AND status = %(status)s
+          AND finished_at < now() - make_interval(secs => %(age)s)
+        LIMIT %(limit)s))
+    RETURNING job_type, status
+), {_counted("gone", sign="-")}
+SELECT count(*) FROM gone
+"""
+
+
+def prune(conn: psycopg.Connection, retention: dict[str, float], *, limit: int = 10_000,
+          rounds: int | None = None) -> int:
+    """Delete finished jobs older than their status's retention (seconds), in chunks of
+    `limit`; with `rounds`, at most that many chunks per status (the caller goes on later)."""
+    removed = 0
+    for status, age in retention.items():
+        if status not in FINISHED:
+            raise ValueError(f"retention for unknown status {status!r}")
+        done = 0
+        while rounds is None or done < rounds:
+            # Never prepared: a generic plan can't see the cutoff and, guessing a third
+            # of the rows old enough, may scan them all (see sql/007).
+            (n,) = conn.execute(_PRUNE, {"status": status, "age": float(age), "limit": limit},
+                                prepare=False).fetchone()
+            removed += n
+            done += 1
+            if n < limit:
+                break
+    return removed
+
+
+# --- reading -----------------------------------------------------------------------------
+
+# Live jobs through the partial indexes over their statuses (jobs_lease_order, jobs_leased);
+# finished ones from their counts. One statement: one snapshot, so the figures agree.
+_COUNTS = """
+SELECT job_type, 'queued', count(*),
+       extract(epoch FROM now() - min(visible_at) FILTER (WHERE visible_at <= now()))
+FROM jobvisor.jobs WHERE status = 'queued' GROUP BY job_type
+UNION ALL
+SELECT job_type, 'leased', count(*), NULL
+FROM jobvisor.jobs WHERE status = 'leased' GROUP BY job_type
+UNION ALL
+SELECT job_type, status, sum(n)::bigint, NULL
+FROM jobvisor.job_counts GROUP BY job_type, status HAVING sum(n) <> 0
+"""
+
+
+def status_counts(conn: psycopg.Connection) -> dict[str, dict[str, float]]:
+    """Per type: counts by status and the age of the oldest visible queued job.
+
+    Reads no finished row: finished counts are kept in jobvisor.job_counts (sql/007), so
+    this stays cheap however many finished jobs retention keeps.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for job_type, status, count, oldest in conn.execute(_COUNTS).fetchall():
+        entry = out.setdefault(job_type, {s: 0 for s in STATUSES} | {"oldest_queued_s": 0.0})
+        entry[status] = count
+        if oldest is not None:
+            entry["oldest_queued_s"] = round(max(0.0, float(oldest)), 3)
+    return out
+
+
+_GET = """
+SELECT id, job_type, payload::text AS payload, priority, status, attempts, max_attempts,
+       visible_at, leased_by, leased_until, cancel_requested, error_code, error_message,
+       result::text AS result,
+       progress, progress_note, idempotency_key, batch_id, created_at, updated_at,
+       started_at, finished_at, suspect, errors
+FROM jobvisor.jobs WHERE id = %(id)s
+"""
+
+
+def get_job(conn: psycopg.Connection, job_id: int) -> dict[str, Any] | None:
+    """One job, all of it. A payload or result Python can't decode (nesting too deep) is
+    None, with `payload_error` / `result_error` saying why, instead of an exception."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(_GET, {"id": job_id}).fetchone()
+    if row is None:
+        return None
+    for key in ("payload", "result"):
+        row[key], error = _decode_payload(row[key])
+        if error:
+            row[f"{key}_error"] = error
+    return row
+
+
+# --- batches -------------------------------------------------------------------------------
+# Totals and counts are kept by the triggers of sql/004_batches.sql, in the transaction
+# that inserts or finishes a job; nothing here writes a counter.
+
+MAX_BATCH_ID = 200
+
+_UPSERT_BATCH = """
+INSERT INTO jobvisor.batches AS x (id, callback_url)
+VALUES (%(batch_id)s, %(batch_callback)s)
+ON CONFLICT (id) DO UPDATE
+    SET callback_url = excluded.callback_url, updated_at = now()
+    WHERE excluded.callback_url IS NOT NULL
+"""
+
+# The batch row and its jobs in one statement: one round trip, and no moment at which
+# the batch exists without its jobs. (Totals are added by the INSERT trigger, which sees
+# this statement's batch row.)
+_ENQUEUE_IN_BATCH = f"WITH batch AS ({_UPSERT_BATCH} RETURNING x.id)\n{_ENQUEUE}"
+
+
+def _check_batch_id(batch_id: str) -> None:
+    if not isinstance(batch_id, str) or not batch_id.strip() or len(batch_id) > MAX_BATCH_ID \
+            or not batch_id.isprintable():
+        raise ValueError(f"batch id must be 1..{MAX_BATCH_ID} printable characters")
+
+
+def _check_callbacks(urls: Iterable[str | None]) -> None:
+    allowed: list[str] | None = None
+    for url in urls:
+        if url is not None:
+            if allowed is None:  # read the environment once per call, not once per job
+                allowed = webhooks.allowed_hosts()
+            webhooks.check_url(url, allowed)
+
+
+def create_batch(conn: psycopg.Connection, batch_id: str, *,
+                 callback_url: str | None = None) -> None:
+    """Create a batch (total 0), or set the callback of an existing one.
+
+    Jobs join it by carrying its id; a callback set after the batch finished never fires.
+    """
+    _check_batch_id(batch_id)
+    _check_callbacks([callback_url])
+    conn.execute(_UPSERT_BATCH, {"batch_id": batch_id, "batch_callback": callback_url})
+
+
+def enqueue_batch(conn: psycopg.Connection, batch_id: str, jobs: Sequence[NewJob], *,
+                  callback_url: str | None = None) -> list[int]:
+    """Enqueue jobs of any types as one batch, creating it, in one round trip.
+
+    Returns ids in input order (as `enqueue_many`). Enqueueing more into the same batch
+    later adds to its total; run every part in one transaction when the batch has a
+    callback, or it may fire between the parts.
+    """
+    _check_batch_id(batch_id)
+    _check_callbacks([callback_url])
+    if any(j.batch_id not in (None, batch_id) for j in jobs):
+        raise ValueError(f"enqueue_batch({batch_id!r}): a job names another batch")
+    if not jobs:
+        create_batch(conn, batch_id, callback_url=callback_url)
+        return []
+    jobs = [j if j.batch_id == batch_id else replace(j, batch_id=batch_id) for j in jobs]
+    return _enqueue_rows(conn, jobs, _ENQUEUE_IN_BATCH,
+                         {"batch_id": batch_id, "batch_callback": callback_url})
+
+
+_GET_BATCH = """
+SELECT b.id, b.total, b.completed, b.failed, b.cancelled, b.callback_url, b.created_at,
+       b.updated_at, b.finished_at,
+       coalesce(live.queued, 0) AS queued, coalesce(live.leased, 0) AS leased,
+       coalesce(live.running_progress, 0)::float8 AS running_progress,
+       w.id AS webhook_job_id, w.status AS webhook_status, w.attempts AS webhook_attempts,
+       w.max_attempts AS webhook_max_attempts, w.error_code AS webhook_error_code
+FROM jobvisor.batches b
+-- What is still to do, read from the jobs themselves; a finished batch has nothing.
+LEFT JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE j.status = 'queued') AS queued,
+           count(*) FILTER (WHERE j.status = 'leased') AS leased,
+           sum(j.progress) FILTER (WHERE j.status = 'leased') AS running_progress
+    FROM jobvisor.jobs j
+    WHERE j.batch_id = b.id AND j.finished_at IS NULL AND b.finished_at IS NULL
+) live ON true
+LEFT JOIN LATERAL (
+    SELECT id, status, attempts, max_attempts, error_code FROM jobvisor.jobs
+    WHERE idempotency_key = 'webhook:batch:' || b.id AND key_sticky
+    ORDER BY id DESC LIMIT 1
+) w ON b.callback_url IS NOT NULL
+WHERE b.id = %(id)s
+"""
+
+
+def get_batch(conn: psycopg.Connection, batch_id: str) -> dict[str, Any] | None:
+    """A batch: total, counts by status, `finished`, `progress` (finished jobs plus the
+    reported progress of running ones, over the total) and its webhook delivery."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(_GET_BATCH, {"id": batch_id}).fetchone()
+    if row is None:
+        return None
+    webhook = None
+    if row["webhook_job_id"] is not None:
+        webhook = {"job_id": row["webhook_job_id"], "status": row["webhook_status"],
+                   "attempts": row["webhook_attempts"],
+                   "max_attempts": row["webhook_max_attempts"],
+                   "error_code": row["webhook_error_code"]}
+    for key in ("webhook_job_id", "webhook_status", "webhook_attempts",
+                "webhook_max_attempts", "webhook_error_code"):
+        del row[key]
+    done = row["completed"] + row["failed"] + row["cancelled"]
+    row["done"] = done
+    row["finished"] = row["finished_at"] is not None
+    row["progress"] = (round(min(1.0, (done + row["running_progress"]) / row["total"]), 4)
+                       if row["total"] else 0.0)
+    row["webhook"] = webhook
+    return row
+
+
+_PRUNE_BATCHES = """
+DELETE FROM jobvisor.batches
+WHERE id = ANY(ARRAY(
+    SELECT id FROM jobvisor.batches
+    WHERE finished_at < now() - make_interval(secs => %(age)s)
+    LIMIT %(limit)s))
+"""
+
+
+def prune_batches(conn: psycopg.Connection, age: float, *, limit: int = 10_000,
+                  rounds: int | None = None) -> int:
+    """Delete batches finished longer than `age` seconds ago, in chunks (at most
+    `rounds` of them when given)."""
+    removed = 0
+    done = 0
+    while rounds is None or done < rounds:
+        cur = conn.execute(_PRUNE_BATCHES, {"age": float(age), "limit": limit},
+                           prepare=False)  # a plan that sees the cutoff, as prune's
+        removed += cur.rowcount
+        done += 1
+        if cur.rowcount < limit:
+            break
+    return removed
+
+
+# --- webhook deliveries ---------------------------------------------------------------------
+
+def webhook_key(kind: str, ident: int | str) -> str:
+    """The sticky idempotency key of the delivery for a job or a batch (sql/004)."""
+    if kind not in ("job", "batch"):
+        raise ValueError(f"webhook_key: kind must be 'job' or 'batch', got {kind!r}")
+    return f"webhook:{kind}:{ident}"
+
+
+_WEBHOOK_DELIVERY = """
+SELECT id, status, attempts, max_attempts, error_code, error_message, created_at, finished_at
+FROM jobvisor.jobs
+WHERE idempotency_key = %(key)s AND key_sticky
+ORDER BY id DESC LIMIT 1
+"""
+
+
+def webhook_delivery(conn: psycopg.Connection, key: str) -> dict[str, Any] | None:
+    """The `webhook` job delivering for `key` (see `webhook_key`), or None."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_WEBHOOK_DELIVERY, {"key": key}).fetchone()
+
+
+def jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """A job row with timestamps as ISO strings, ready for json.dumps."""
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+
+# --- operator views (dashboard) ------------------------------------------------------------
+# Reads for people, not for the hot path: each is bounded by a LIMIT and selects ids, codes,
+# counts and times only. Payloads, results, error messages and progress notes can carry
+# student content, so none of them is read here.
+
+_RECENT_FAILURES = """
+SELECT id, job_type, error_code, attempts, max_attempts, finished_at
+FROM jobvisor.jobs
+WHERE status = 'failed' AND finished_at IS NOT NULL
+ORDER BY finished_at DESC, id DESC
+LIMIT %(limit)s
+"""
+
+
+def recent_failures(conn: psycopg.Connection, limit: int = 50) -> list[dict[str, Any]]:
+    """The most recently failed jobs, newest first: id, type, code, attempts, when."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_RECENT_FAILURES, {"limit": limit}).fetchall()
+
+
+_RUNNING_JOBS = """
+SELECT id, job_type, attempts, max_attempts, leased_by, started_at, progress,
+       cancel_requested
+FROM jobvisor.jobs
+WHERE status = 'leased'
+ORDER BY started_at, id
+LIMIT %(limit)s
+"""
+
+
+def running_jobs(conn: psycopg.Connection, limit: int = 50) -> list[dict[str, Any]]:
+    """Leased jobs, longest running first (what an operator may want to cancel)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_RUNNING_JOBS, {"limit": limit}).fetchall()
+
+
+_JOB_BRIEF = """
+SELECT id, job_type, status, attempts, max_attempts, error_code
+FROM jobvisor.jobs WHERE id = %(id)s
+"""
+
+
+def job_brief(conn: psycopg.Connection, job_id: int) -> dict[str, Any] | None:
+    """A job's identity and state without payload or result (for audit logs)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_JOB_BRIEF, {"id": job_id}).fetchone()
+
+
+_BATCHES_TABLE = "SELECT to_regclass('jobvisor.batches') IS NOT NULL"
+
+_RECENT_BATCHES = """
+SELECT id, total, completed, failed, cancelled, created_at, finished_at
+FROM jobvisor.batches
+ORDER BY (finished_at IS NULL) DESC, created_at DESC
+LIMIT %(limit)s
+"""
+
+
+def recent_batches(conn: psycopg.Connection, limit: int = 20) -> list[dict[str, Any]] | None:
+    """Open batches first, then the latest finished; None while the table doesn't exist.
+
+    The callback URL is left out: it may carry a secret in its query string.
+    """
+    (exists,) = conn.execute(_BATCHES_TABLE).fetchone()
+    if not exists:
+        return None
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_RECENT_BATCHES, {"limit": limit}).fetchall()

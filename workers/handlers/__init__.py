@@ -1,1 +1,0 @@
-"""Built-in handlers. Each module is imported only by the child serving its type."""

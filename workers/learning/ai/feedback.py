@@ -1,0 +1,327 @@
+"""Text + criteria → feedback markdown and a `criteria.v2` analysis, for the feedback handler.
+
+Backends:
+- `stub`: no model; deterministic scores from word counts and the overlap of each
+  criterion's words with the text.
+- `dspy`: a typed DSPy signature on Ollama's OpenAI-compatible endpoint (`/v1`).
+  When DSPy fails for any reason, a WARN is logged (error class and code only)
+  and the `ollama` path runs instead.
+- `ollama`: one direct `/api/chat` call with a JSON schema in `format`.
+
+`analysis` follows `criteria.v2`::
+
+    {"schema": "criteria.v2", "max_score": 10,
+     "criteria": [{"criterion": str, "score": 0..10, "max_score": 10, "comment": str}]}
+
+with exactly one entry per requested criterion, in the requested order, named as
+requested (the platform's wording is canonical, not the model's).
+
+Environment (read by `FeedbackSettings.from_env` and `feedback_backend`):
+- `AI_FEEDBACK_BACKEND`: stub | dspy | ollama; unset → derived from `AI_BACKEND`
+  (stub → stub, local → dspy); default stub.
+- `OLLAMA_BASE_URL` (default http://localhost:11434), `AI_FEEDBACK_MODEL` (no
+  default; required by dspy and ollama).
+- `AI_CONNECT_TIMEOUT` (5 s), `AI_FEEDBACK_READ_TIMEOUT` else `AI_READ_TIMEOUT` (120 s).
+- `AI_KEEP_ALIVE` (direct path only: `/v1` has no keep_alive), `AI_FEEDBACK_OPTIONS`
+  (JSON object of Ollama options; `temperature`, `top_p`, `seed`, `num_predict`,
+  `stop` also reach DSPy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pydantic
+
+from workers.core.errors import PermanentError, TransientError
+from workers.learning.ai import ai_backend, ollama
+
+log = logging.getLogger("jobvisor.ai")
+
+Backend = Literal["stub", "dspy", "ollama"]
+BACKENDS: tuple[str, ...] = ("stub", "dspy", "ollama")
+SCHEMA = "criteria.v2"
+MAX_SCORE = 10
+RETRY_CODE = "feedback_retrying"
+FAIL_CODE = "feedback_failed"
+MAX_COMMENT = 2000
+
+INSTRUCTIONS = (
+    "Du bist eine erfahrene Lehrkraft. Gib der Schülerin oder dem Schüler eine konstruktive, "
+    "ermutigende Rückmeldung auf Deutsch zu ihrem Text. Bewerte jedes Kriterium einzeln mit "
+    f"einer ganzen Zahl von 0 (nicht erfüllt) bis {MAX_SCORE} (voll erfüllt) und begründe kurz. "
+    "Zitiere keine langen Passagen aus dem Text."
+)
+
+
+class CriterionAssessment(pydantic.BaseModel):
+    """One criterion as a model answers it (lenient: scores are clamped afterwards)."""
+
+    criterion: str
+    # The range is advertised in the schema (models read it) but not enforced:
+    # an 11 or a 7.5 is clamped and rounded rather than failing the whole answer.
+    score: float = pydantic.Field(
+        allow_inf_nan=False,
+        description=f"0 (nicht erfüllt) bis {MAX_SCORE} (voll erfüllt)",
+        json_schema_extra={"minimum": 0, "maximum": MAX_SCORE},
+    )
+    comment: str = ""
+
+
+class _DirectAnswer(pydantic.BaseModel):
+    feedback_md: str
+    criteria: list[CriterionAssessment]
+
+
+# Inline (no $ref): Ollama turns `format` into a grammar; keep the schema plain.
+DIRECT_FORMAT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "feedback_md": {"type": "string"},
+        "criteria": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "criterion": {"type": "string"},
+                    "score": {"type": "integer", "minimum": 0, "maximum": MAX_SCORE},
+                    "comment": {"type": "string"},
+                },
+                "required": ["criterion", "score", "comment"],
+            },
+        },
+    },
+    "required": ["feedback_md", "criteria"],
+}
+
+
+@dataclass(frozen=True)
+class FeedbackSettings:
+    base_url: str = ollama.DEFAULT_BASE_URL
+    model: str = ""
+    timeout: ollama.Timeout = (ollama.DEFAULT_CONNECT_TIMEOUT, ollama.DEFAULT_READ_TIMEOUT)
+    keep_alive: str | float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> FeedbackSettings:
+        """Settings from the environment; keyword arguments win."""
+        values: dict[str, Any] = {
+            "base_url": ollama.base_url_from_env(),
+            "model": os.environ.get("AI_FEEDBACK_MODEL", "").strip(),
+            "timeout": ollama.timeout_from_env("feedback"),
+            "keep_alive": ollama.keep_alive_from_env(),
+            "options": ollama.options_from_env("AI_FEEDBACK_OPTIONS"),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    feedback_md: str
+    analysis: dict[str, Any]
+    backend_used: str  # "stub" | "dspy" | "ollama" (ollama also after a DSPy fallback)
+
+
+def feedback_backend() -> Backend:
+    """AI_FEEDBACK_BACKEND, else AI_BACKEND (stub → stub, local → dspy); default stub."""
+    explicit = (os.environ.get("AI_FEEDBACK_BACKEND") or "").strip().lower()
+    if explicit:
+        if explicit not in BACKENDS:
+            raise ValueError(f"AI_FEEDBACK_BACKEND must be one of {', '.join(BACKENDS)}, got {explicit!r}")
+        return explicit  # type: ignore[return-value]
+    return "dspy" if ai_backend() == "local" else "stub"
+
+
+def write_feedback(
+    text: str,
+    criteria: list[str],
+    *,
+    backend: Backend,
+    settings: FeedbackSettings,
+) -> FeedbackResult:
+    """Feedback on `text` against `criteria`.
+
+    Raises `TransientError("feedback_retrying", ...)` / `PermanentError("feedback_failed", ...)`.
+    """
+    if backend == "stub":
+        return _stub(text, criteria)
+    if backend not in ("dspy", "ollama"):
+        raise PermanentError(FAIL_CODE, f"unknown feedback backend {backend!r}")
+    if not settings.model:
+        raise PermanentError(FAIL_CODE, "AI_FEEDBACK_MODEL is not set")
+    if backend == "dspy":
+        try:
+            return _dspy(text, criteria, settings)
+        except Exception as exc:  # noqa: BLE001 - any DSPy failure means: use the direct path
+            # Class and code only: DSPy's messages can quote the model's answer.
+            log.warning("feedback_dspy_failed", extra={
+                "error_class": type(exc).__name__,
+                "error_code": str(getattr(exc, "code", "") or ""),
+            })
+    return _direct(text, criteria, settings)
+
+
+# --- stub -------------------------------------------------------------------------
+
+
+def _stub(text: str, criteria: list[str]) -> FeedbackResult:
+    words = re.findall(r"\w+", text.lower())
+    vocab = set(words)
+    sentences = len([s for s in re.split(r"[.!?]+", text) if s.strip()])
+    length_points = min(4, len(words) // 50)
+    items = []
+    for criterion in criteria:
+        terms = sorted({w for w in re.findall(r"\w+", criterion.lower()) if len(w) > 3})
+        hits = sum(1 for t in terms if t in vocab)
+        score = 0 if not words else min(MAX_SCORE, 2 + length_points + 4 * hits // max(1, len(terms)))
+        comment = f"{hits} von {len(terms)} Schlüsselbegriffen des Kriteriums kommen im Text vor."
+        items.append(CriterionAssessment(criterion=criterion, score=score, comment=comment))
+    lines = [
+        "## Rückmeldung",
+        "",
+        f"Dein Text umfasst {len(words)} Wörter in {sentences} Sätzen.",
+        "",
+        *[f"- **{i.criterion}**: {int(i.score)}/{MAX_SCORE} – {i.comment}" for i in items],
+        "",
+        "_Automatische Platzhalter-Rückmeldung (ohne KI-Modell)._",
+    ]
+    return FeedbackResult("\n".join(lines), _analysis(criteria, items), "stub")
+
+
+# --- dspy -------------------------------------------------------------------------
+
+_lm_lock = threading.Lock()
+_lms: dict[tuple[Any, ...], Any] = {}
+_signature: Any = None
+
+
+def _dspy(text: str, criteria: list[str], settings: FeedbackSettings) -> FeedbackResult:
+    # Must precede the first `import dspy`: otherwise LiteLLM fetches its model
+    # cost map from the network at import. Forced, not defaulted: no cloud egress.
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    import dspy
+
+    # A per-call context, not dspy.configure: jobs run in threads, and the
+    # context is thread-local. No history: it would keep student text in memory.
+    # No JSONAdapter retry on a parse failure: our fallback is a schema-constrained
+    # Ollama call, which is likelier to parse, for the same one extra inference.
+    adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+    with dspy.context(lm=_lm(settings), adapter=adapter, disable_history=True):
+        prediction = dspy.Predict(_feedback_signature())(text=text, criteria=list(criteria))
+    items = [
+        i if isinstance(i, CriterionAssessment) else CriterionAssessment.model_validate(i)
+        for i in prediction.analysis
+    ]
+    return FeedbackResult(str(prediction.feedback_md).strip(), _analysis(criteria, items), "dspy")
+
+
+def _lm(settings: FeedbackSettings) -> Any:
+    """One dspy.LM per configuration and process (it owns a connection pool)."""
+    import dspy
+    import httpx
+
+    connect, read = settings.timeout
+    generation = _dspy_generation_options(settings.options)
+    key = (settings.model, settings.base_url, connect, read, json.dumps(generation, sort_keys=True))
+    with _lm_lock:
+        lm = _lms.get(key)
+        if lm is None:
+            # "ollama/" is lm15's keyless local-server route: no API key is needed
+            # or sent from the environment (an "openai/" route would demand or
+            # forward OPENAI_API_KEY). engine="lm15" pins the native engine:
+            # "auto" hands "ollama/..." to LiteLLM whenever OLLAMA_BASE_URL is set,
+            # which then calls /v1/api/generate. num_retries=0: the queue owns retries.
+            lm = dspy.LM(
+                f"ollama/{settings.model}",
+                engine="lm15",
+                api_base=settings.base_url.rstrip("/") + "/v1",
+                timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
+                num_retries=0,
+                cache=False,
+                **generation,
+            )
+            _lms[key] = lm
+        return lm
+
+
+def _dspy_generation_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The Ollama options `/v1/chat/completions` can express, in OpenAI names."""
+    names = {"temperature": "temperature", "top_p": "top_p", "seed": "seed",
+             "num_predict": "max_tokens", "stop": "stop"}
+    return {names[k]: v for k, v in options.items() if k in names}
+
+
+def _feedback_signature() -> Any:
+    global _signature
+    if _signature is None:
+        import dspy
+
+        class WriteFeedback(dspy.Signature):
+            text: str = dspy.InputField(desc="Text der Schülerin / des Schülers")
+            criteria: list[str] = dspy.InputField(desc="Bewertungskriterien")
+            feedback_md: str = dspy.OutputField(desc="Rückmeldung an die Lernenden, Markdown, Deutsch")
+            analysis: list[CriterionAssessment] = dspy.OutputField(
+                desc="genau ein Eintrag je Kriterium, in derselben Reihenfolge"
+            )
+
+        _signature = WriteFeedback.with_instructions(INSTRUCTIONS)
+    return _signature
+
+
+# --- direct Ollama ----------------------------------------------------------------
+
+
+def _direct(text: str, criteria: list[str], settings: FeedbackSettings) -> FeedbackResult:
+    # Criteria first: a JSON list the model (and the fake server) can mirror.
+    user = (
+        f"Kriterien (JSON):\n{json.dumps(list(criteria), ensure_ascii=False)}\n\n"
+        f"Text:\n{text}\n\n"
+        "Antworte als JSON mit `feedback_md` (Markdown) und `criteria` "
+        "(je Kriterium `criterion`, `score`, `comment`, in derselben Reihenfolge)."
+    )
+    messages = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": user}]
+    content = ollama.chat(
+        settings.base_url, settings.model, messages, options=settings.options or None,
+        keep_alive=settings.keep_alive, format=DIRECT_FORMAT, timeout=settings.timeout,
+        retry_code=RETRY_CODE, fail_code=FAIL_CODE,
+    )
+    try:
+        answer = _DirectAnswer.model_validate_json(content)
+        analysis = _analysis(criteria, answer.criteria)
+    except (pydantic.ValidationError, ValueError):
+        # A model's output varies between attempts; a retry may well parse.
+        raise TransientError(RETRY_CODE, f"ollama answer not valid JSON for {SCHEMA}, "
+                                         f"model={settings.model}") from None
+    return FeedbackResult(answer.feedback_md.strip(), analysis, "ollama")
+
+
+# --- shared -----------------------------------------------------------------------
+
+
+def _analysis(criteria: list[str], items: list[CriterionAssessment]) -> dict[str, Any]:
+    """`criteria.v2`: one entry per requested criterion; ValueError if one is missing."""
+    wanted = [_key(c) for c in criteria]
+    by_name = {_key(i.criterion): i for i in items}
+    out = []
+    for index, criterion in enumerate(criteria):
+        item = by_name.get(wanted[index])
+        if item is None and index < len(items) and _key(items[index].criterion) not in wanted:
+            item = items[index]  # models paraphrase names; position still tells
+        if item is None:
+            raise ValueError(f"criterion {index + 1} missing in the model's answer")
+        score = max(0, min(MAX_SCORE, round(item.score)))
+        out.append({"criterion": criterion, "score": score, "max_score": MAX_SCORE,
+                    "comment": item.comment.strip()[:MAX_COMMENT]})
+    return {"schema": SCHEMA, "max_score": MAX_SCORE, "criteria": out}
+
+
+def _key(name: str) -> str:
+    return " ".join(re.findall(r"\w+", name.casefold()))

@@ -1,0 +1,1 @@
+"""The learning pipeline's job handlers: one module per stage."""
