@@ -36,7 +36,7 @@ METRIC_NAMES = (
     "jobvisor_worker_resident_memory_bytes", "jobvisor_worker_cpu_seconds_total",
     "jobvisor_capacity_slots", "jobvisor_gpu_memory_free_bytes",
     "jobvisor_gpu_memory_total_bytes", "jobvisor_memory_available_bytes",
-    "jobvisor_cpu_count", "jobvisor_reserve_bytes", "jobvisor_up",
+    "jobvisor_cpus", "jobvisor_reserve_bytes", "jobvisor_up",
 )
 
 
@@ -131,7 +131,7 @@ class SupervisorCollector:
                                       labels=["gpu"])
         mem = GaugeMetricFamily("jobvisor_memory_available_bytes",
                                 "Available RAM (bounded by the cgroup limit)")
-        cpus = GaugeMetricFamily("jobvisor_cpu_count", "CPUs this supervisor may use")
+        cpus = GaugeMetricFamily("jobvisor_cpus", "CPUs this supervisor may use")
         reserve = GaugeMetricFamily("jobvisor_reserve_bytes", "Reserves kept free",
                                     labels=["resource"])
         if r is not None:

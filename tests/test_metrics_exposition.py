@@ -1,0 +1,72 @@
+"""The /metrics exposition of a real `jobvisor run`: lint-clean for Prometheus
+(`promtool check metrics`, when Debian's `prometheus` package is installed; `.ci/run`
+installs it), parseable by prometheus_client's own parser always, and served as
+OpenMetrics to a scraper that asks for it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.request
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import wait_for
+from tests.supervisor_harness import Supervisor, base_config, free_port
+from workers.core import queue as q
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+@pytest.fixture
+def scraped(db, worker_env, tmp_path):
+    """(classic text, OpenMetrics text, OpenMetrics content type) after jobs ran and failed."""
+    cfg = base_config(free_port(), {
+        "noop": {"memory_per_job": "1MiB", "processes": {"min": 1, "max": 1}},
+        "fail": {"memory_per_job": "1MiB", "processes": {"min": 1, "max": 1},
+                 "retry": {"max_attempts": 1}}})
+    sup = Supervisor(tmp_path, worker_env, cfg).start()
+    try:
+        q.enqueue_many(db, [q.NewJob("noop", {}) for _ in range(3)])
+        q.enqueue(db, q.NewJob("fail", {"kind": "permanent"}, max_attempts=1))
+        wait_for(lambda: 'outcome="failed"' in sup.get("/metrics")[1]
+                 and 'job_type="noop",outcome="completed"' in sup.get("/metrics")[1],
+                 what="outcomes in /metrics")
+        _, text, _ = sup.get("/metrics")
+        req = urllib.request.Request(f"http://127.0.0.1:{sup.port}/metrics",
+                                     headers={"Accept": OPENMETRICS})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            om_text, om_type = resp.read().decode(), resp.headers["Content-Type"]
+    finally:
+        assert sup.stop() == 0
+    return text, om_text, om_type
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool is not installed (Debian package `prometheus`; "
+                           ".ci/run installs it)")
+def test_promtool_finds_nothing_to_lint_in_the_exposition(scraped):
+    text, _, _ = scraped
+    lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=60)
+    assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), \
+        lint.stdout + lint.stderr
+
+
+def test_the_exposition_parses_and_names_the_core_and_plug_in_families(scraped):
+    text, _, _ = scraped
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"jobvisor_up", "jobvisor_cpus", "jobvisor_jobs", "jobvisor_queue_depth",
+            "analysis_jobs_inflight", "ai_worker_failed"} <= names
+    assert not [n for n in names if n.endswith("_count")]
+
+
+def test_a_scraper_asking_for_openmetrics_gets_it(scraped):
+    _, om_text, om_type = scraped
+    assert om_type.startswith("application/openmetrics-text")
+    assert om_text.rstrip().endswith("# EOF")
+    families = {f.name: f for f in om_families(om_text)}
+    failed = [s for s in families["ai_worker_failed"].samples if s.name.endswith("_total")]
+    assert [s.labels["error_code"] for s in failed] == ["fail_permanent"]
