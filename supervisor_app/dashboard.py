@@ -126,9 +126,11 @@ class Rates:
             self.samples.append((now, dict(totals)))
 
     def per_minute(self, job_type: str, now: float, current: float) -> float | None:
-        """Jobs/min over about the last minute; None until there is a few seconds' history."""
+        """Jobs/min over the chart's window (five minutes, as the column and the sparkline
+        beside it say); None until there is a few seconds' history."""
         with self.lock:
-            past = [(t, c.get(job_type, 0.0)) for t, c in self.samples if now - t <= 60.0]
+            past = [(t, c.get(job_type, 0.0)) for t, c in self.samples
+                    if now - t <= self.history]
         if not past or now - past[0][0] < self.every * 0.8:
             return None
         t0, c0 = past[0]

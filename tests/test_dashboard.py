@@ -231,6 +231,23 @@ def test_rates_turn_cumulative_counts_into_jobs_per_minute():
     assert rates.samples[-1][0] == 1000.0 + 120
 
 
+def test_the_rate_covers_the_five_minutes_its_column_names_like_the_sparkline():
+    # 30 jobs in a burst, then 2.5 idle minutes: the "Jobs/min (5 min)" column showed 0.0
+    # (it averaged the last minute only) while the sparkline beside it showed the burst.
+    rates = dashboard.Rates()
+    rates.sample(1000.0, {"a": 0.0})
+    rates.sample(1010.0, {"a": 30.0})
+    for i in range(1, 31):
+        rates.sample(1010.0 + 5 * i, {"a": 30.0})
+    now = 1010.0 + 150
+    assert rates.per_minute("a", now, 30.0) == pytest.approx(30 * 60 / 160)
+    assert any(v for v in rates.series("a", now, 30.0))
+    # Older than the window, a burst no longer counts.
+    for i in range(31, 100):
+        rates.sample(1010.0 + 5 * i, {"a": 30.0})
+    assert rates.per_minute("a", 1010.0 + 5 * 99, 30.0) == 0.0
+
+
 def test_finished_totals_count_jobs_that_left_the_queue():
     outcomes = {("a", "completed", None): [3, 1.0], ("a", "failed", "x"): [1, 0.1],
                 ("a", "retried", "y"): [5, 0.2], ("b", "cancelled", "cancelled"): [2, 0.0]}
