@@ -60,6 +60,17 @@ def db_dsn(pg_server_dsn: str, template_db: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def empty_dsn(pg_server_dsn: str) -> Iterator[str]:
+    """DSN of a fresh database with nothing in it, not even the migrations (superuser)."""
+    name = f"jobvisor_e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(pg_server_dsn, dbname=name)
+    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 def db(db_dsn: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(db_dsn, autocommit=True) as conn:
         yield conn

@@ -6,28 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from supervisor_app.migrate import discover, migrate, sql_dir
 from workers.core import plugins
 from workers.core import queue as q
 
 LEARNING = plugins.for_type("pdf")
-
-
-@pytest.fixture
-def empty_dsn(pg_server_dsn: str) -> Iterator[str]:
-    name = f"jobvisor_m_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(pg_server_dsn, dbname=name)
-    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _previous_schema() -> list[tuple[int, str, str]]:
