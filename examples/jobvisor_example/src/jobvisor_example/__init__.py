@@ -1,1 +1,1 @@
-"""Example jobvisor job types (see docs/job_types.md)."""
+"""An example jobvisor plug-in and job types (see docs/job_types.md)."""

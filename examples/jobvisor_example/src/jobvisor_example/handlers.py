@@ -1,7 +1,8 @@
-"""Two example job types, each showing one way to register a type with jobvisor.
+"""Two example job types, each registered a different way.
 
-* `example_wordcount` is registered by the entry point in this package's pyproject.toml
-  (group `jobvisor.handlers`): installing the package is enough.
+* `example_wordcount` is declared by the package's plug-in (plugin.py, the
+  `jobvisor.plugins` entry point in pyproject.toml): installing the package is enough. It
+  also writes a row to the plug-in's own table (sql/001_wordcounts.sql).
 * `example_checksum` is registered by a `handler:` line in the YAML quotas
   (`handler: jobvisor_example.handlers:checksum`): the module only has to be importable.
 
@@ -22,7 +23,8 @@ ALGORITHMS = ("sha256", "sha1", "md5")
 
 
 def wordcount(job: Job, ctx: JobContext) -> dict[str, Any]:
-    """Count lines and words of `payload["text"]`, reporting progress per chunk of lines."""
+    """Count lines and words of `payload["text"]`, reporting progress per chunk of lines,
+    and record the counts in `jobvisor_example.wordcounts`."""
     text = _payload(job).get("text")
     if not isinstance(text, str):
         raise PayloadError("example_wordcount: payload needs 'text' (a string)")
@@ -34,6 +36,13 @@ def wordcount(job: Job, ctx: JobContext) -> dict[str, Any]:
         done = min(len(lines), start + CHUNK_LINES)
         # Stored at most once a second by the runtime: calling it often costs nothing.
         ctx.progress(done / len(lines), f"{done}/{len(lines)} lines")
+    # The outcome, through the job's completing transaction, opened only now that the
+    # work is done: the row commits with the job's fenced completion, or not at all (a
+    # lost lease, an error), so a run repeated after a crash finds no row of an earlier
+    # one. ON CONFLICT keeps the write idempotent all the same (at least once).
+    ctx.db.execute("INSERT INTO jobvisor_example.wordcounts (job_id, lines, words)"
+                   " VALUES (%s, %s, %s) ON CONFLICT (job_id) DO NOTHING",
+                   (job.id, len(lines), words))
     return {"lines": len(lines), "words": words}
 
 
