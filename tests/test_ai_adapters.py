@@ -128,7 +128,7 @@ def test_vision_stub_prefers_the_text_layer_else_a_stable_placeholder() -> None:
     one = extract_text([b"a", b"b"], engine="stub", text_layer="  ", settings=settings)
     assert one == extract_text([b"a", b"b"], engine="stub", text_layer=None, settings=settings)
     assert one != extract_text([b"b", b"a"], engine="stub", text_layer=None, settings=settings)
-    assert "2 page(s)" in one
+    assert "2 pages" in one and one.lower().startswith("[placeholder")
 
 
 def test_vision_tesseract_engine_delegates_to_ocr_tesseract(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -361,6 +361,44 @@ def test_feedback_stub_is_deterministic_and_needs_no_model() -> None:
     assert "Bartholomäus" not in one.feedback_md
     empty = write_feedback("", ["Inhalt"], backend="stub", settings=settings)
     assert empty.analysis["criteria"][0]["score"] == 0
+
+
+def test_feedback_stub_marks_its_markdown_as_a_placeholder() -> None:
+    result = write_feedback(STUDENT, CRITERIA, backend="stub", settings=FeedbackSettings())
+    assert result.feedback_md.startswith("> **Platzhalter")
+    assert "Automatische Platzhalter" not in result.feedback_md.splitlines()[-1]
+
+
+@pytest.mark.parametrize(("language", "says", "not_says"), [
+    ("de", "auf Deutsch", "in English"),
+    ("en", "in English", "auf Deutsch"),
+])
+def test_feedback_language_reaches_the_direct_ollama_prompt(
+        fake: FakeOllama, language: str, says: str, not_says: str) -> None:
+    result = write_feedback(STUDENT, CRITERIA, backend="ollama",
+                            settings=feedback_settings(fake, language=language))
+    assert_criteria_v2(result.analysis, CRITERIA)
+    [request] = fake.requests("/api/chat")
+    system, user = request["body"]["messages"]
+    assert system["role"] == "system" and says in system["content"]
+    assert not_says not in system["content"]
+    assert user["content"].startswith("Criteria (JSON)" if language == "en" else "Kriterien (JSON)")
+    assert json.dumps(CRITERIA, ensure_ascii=False) in user["content"]
+
+
+@pytest.mark.parametrize(("language", "says", "not_says"), [
+    ("de", "auf Deutsch", "in English"),
+    ("en", "in English", "auf Deutsch"),
+])
+def test_feedback_language_reaches_the_dspy_instructions(
+        fake: FakeOllama, language: str, says: str, not_says: str) -> None:
+    result = write_feedback(STUDENT, CRITERIA, backend="dspy",
+                            settings=feedback_settings(fake, language=language))
+    assert result.backend_used == "dspy"
+    [request] = fake.requests("/v1/chat/completions")
+    system = request["body"]["messages"][0]["content"]
+    assert says in system and not_says not in system
+    assert ("Markdown, English" if language == "en" else "Markdown, Deutsch") in system
 
 
 def test_feedback_without_a_configured_model_fails_permanently(fake: FakeOllama) -> None:

@@ -83,6 +83,8 @@ def test_worker_role_with_another_owners_subject_can_neither_read_nor_update(db,
             ("learning_worker_update_extracted(%s, %s)", (alice, "forged")),
             ("learning_worker_update_completed(%s, %s, '{}')", (alice, "forged")),
             ("learning_worker_update_failed(%s, %s)", (alice, "forged")),
+            ("learning_worker_update_extracted(%s, %s, 'ollama')", (alice, "forged")),
+            ("learning_worker_update_completed(%s, %s, '{}', 'ollama')", (alice, "forged")),
         ]:
             # Someone else's submission looks exactly like a missing one.
             with pytest.raises(psycopg.errors.NoDataFound):
@@ -121,13 +123,76 @@ def test_owner_subject_writes_only_through_guarded_functions_in_the_expected_sta
     assert _row(db, alice) == ("completed", "Text", "fb", None)
 
 
+def _backends(db: psycopg.Connection, submission_id: str) -> tuple:
+    return db.execute("SELECT text_backend, feedback_backend FROM learning_submissions"
+                      " WHERE id = %s", (submission_id,)).fetchone()
+
+
+def test_the_backend_overloads_record_who_wrote_text_and_feedback(db, worker_dsn):
+    alice = _submission(db, "alice")
+    with _as(worker_dsn, "alice") as conn:
+        # The same guards as the old signatures: feedback before text is refused.
+        assert conn.execute("SELECT learning_worker_update_completed(%s, 'fb', '{}', 'stub')",
+                            (alice,)).fetchone() == (False,)
+        assert conn.execute("SELECT learning_worker_update_extracted(%s, 'Text', 'tesseract')",
+                            (alice,)).fetchone() == (True,)
+        assert conn.execute("SELECT learning_worker_update_extracted(%s, 'again', 'ollama')",
+                            (alice,)).fetchone() == (False,)
+        assert _backends(db, alice) == ("tesseract", None)
+        for bad in ("", "Ollama", "x y", "a" * 40):
+            with pytest.raises(psycopg.errors.InvalidParameterValue):
+                conn.execute("SELECT learning_worker_update_completed(%s, 'fb', '{}', %s)",
+                             (alice, bad))
+        assert conn.execute("SELECT learning_worker_update_completed(%s, 'fb', '{}', 'dspy')",
+                            (alice,)).fetchone() == (True,)
+    assert _row(db, alice) == ("completed", "Text", "fb", None)
+    assert _backends(db, alice) == ("tesseract", "dspy")
+    stamps = db.execute("SELECT extracted_at <= finished_at, finished_at = updated_at"
+                        " FROM learning_submissions WHERE id = %s", (alice,)).fetchone()
+    assert stamps == (True, True)
+
+
+def test_the_old_signatures_still_work_for_older_workers_and_record_no_backend(
+        db, worker_dsn):
+    # A worker from before 004 during a rolling upgrade: its calls still succeed; the
+    # backend is unknown (NULL), never a guess.
+    alice = _submission(db, "alice")
+    with _as(worker_dsn, "alice") as conn:
+        assert conn.execute("SELECT learning_worker_update_extracted(%s, 'Text')",
+                            (alice,)).fetchone() == (True,)
+        assert conn.execute("SELECT learning_worker_update_completed(%s, 'fb', '{}')",
+                            (alice,)).fetchone() == (True,)
+    assert _row(db, alice) == ("completed", "Text", "fb", None)
+    assert _backends(db, alice) == (None, None)
+
+
+def test_the_backend_overloads_are_security_definer_with_a_pinned_search_path(db):
+    rows = db.execute(
+        "SELECT p.oid::regprocedure::text, p.prosecdef, p.proconfig,"
+        " has_function_privilege('public', p.oid, 'EXECUTE'),"
+        " has_function_privilege('jobvisor_worker', p.oid, 'EXECUTE')"
+        " FROM pg_proc p WHERE p.proname IN ('learning_worker_update_extracted',"
+        " 'learning_worker_update_completed') ORDER BY 1").fetchall()
+    assert [r[0] for r in rows] == [
+        "learning_worker_update_completed(uuid,text,jsonb)",
+        "learning_worker_update_completed(uuid,text,jsonb,text)",
+        "learning_worker_update_extracted(uuid,text)",
+        "learning_worker_update_extracted(uuid,text,text)",
+    ]
+    for _name, definer, config, public, worker in rows:
+        assert definer and config == ["search_path=pg_catalog, pg_temp"]
+        assert not public and worker
+
+
 def test_guarded_functions_are_not_executable_by_roles_outside_jobvisor_worker(
         db, outsider_dsn):
     alice = _submission(db, "alice")
     with _as(outsider_dsn, "alice") as conn:
         for call in ("learning_worker_update_extracted(%s, 'x')",
                      "learning_worker_update_completed(%s, 'x', '{}')",
-                     "learning_worker_update_failed(%s, 'x')"):
+                     "learning_worker_update_failed(%s, 'x')",
+                     "learning_worker_update_extracted(%s, 'x', 'stub')",
+                     "learning_worker_update_completed(%s, 'x', '{}', 'stub')"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(f"SELECT {call}", (alice,))
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -193,3 +258,4 @@ def test_the_whole_pipeline_runs_under_the_least_privilege_worker_role(
     status, text, feedback, error = _row(db, sid)
     assert (status, error) == ("completed", None)
     assert "Bäume" in text and feedback
+    assert _backends(db, sid) == ("text_layer", "stub")

@@ -184,6 +184,8 @@ def test_submission_goes_pending_extracted_completed_and_no_worker_logs_its_text
     row = submission(db, sid)
     assert MARKER in row["text_body"] and row["extracted_at"] is not None
     assert row["feedback_md"] is None and row["finished_at"] is None
+    # The stub engine used the PDF's own text: real text, and the row says where it came from.
+    assert (row["text_backend"], row["feedback_backend"]) == ("text_layer", None)
 
     pdf_result = q.get_job(db, pdf_job)["result"]
     assert pdf_result["pages"] == 2
@@ -202,6 +204,8 @@ def test_submission_goes_pending_extracted_completed_and_no_worker_logs_its_text
     analysis = row["analysis_json"]
     assert analysis["schema"] == "criteria.v2"
     assert [c["criterion"] for c in analysis["criteria"]] == CRITERIA
+    assert (row["text_backend"], row["feedback_backend"]) == ("text_layer", "stub")
+    assert row["feedback_md"].startswith("> **Platzhalter")  # says so, at the top
     assert workers.stop_all() == [0, 0, 0]
     logs = workers.logs()
     assert "submission_rendered" in logs and "feedback_written" in logs
@@ -221,6 +225,7 @@ def test_photo_submission_is_read_by_the_vision_model(db, env, storage, fake, wo
     assert row["analysis_status"] == "completed"
     assert row["text_body"].startswith("OCR:")  # the fake's answer for an image
     assert fake.calls("/api/chat", VISION) == 1
+    assert (row["text_backend"], row["feedback_backend"]) == ("ollama", "stub")
 
 
 # --- concurrency ---------------------------------------------------------------------------
@@ -293,6 +298,7 @@ def test_extracted_submission_with_text_is_not_read_again(db, env, storage, fake
     row = submission(db, sid)
     assert row["analysis_status"] == "completed"
     assert row["text_body"] == "Schon erkannter Text über Bäume."
+    assert (row["text_backend"], row["feedback_backend"]) == (None, "ollama")
     assert fake.calls("/api/chat", VISION) == 0
     assert fake.calls("/api/chat", FEEDBACK) == 1
     assert q.get_job(db, vision_job)["result"]["reused_text"] is True
@@ -331,6 +337,8 @@ def test_feedback_failing_twice_then_succeeding_makes_exactly_one_vision_call(
     assert job_by_key(db, f"feedback:{sid}")["attempts"] == 3
     assert fake.calls("/api/chat", VISION) == 1
     assert fake.calls("/api/chat", FEEDBACK) == 3
+    row = submission(db, sid)
+    assert (row["text_backend"], row["feedback_backend"]) == ("ollama", "ollama")
 
 
 def test_dspy_failure_falls_back_to_the_direct_call_and_completes(
@@ -344,6 +352,8 @@ def test_dspy_failure_falls_back_to_the_direct_call_and_completes(
     assert status_of(db, sid) == ("completed", None)
     result = q.get_job(db, job)["result"]
     assert result["backend"] == "ollama" and result["schema"] == "criteria.v2"
+    # What produced it, not what was configured: DSPy failed, the direct call answered.
+    assert submission(db, sid)["feedback_backend"] == "ollama"
     assert fake.calls("/v1/chat/completions") >= 1
     assert fake.calls("/api/chat", FEEDBACK) == 1
     assert '"feedback_dspy_failed"' in workers.logs()
@@ -424,6 +434,19 @@ def test_feedback_failure_fails_the_submission_and_an_operator_retry_completes_i
     wait_for(lambda: _finished(db, sid), what="submission completed after retry")
     assert status_of(db, sid) == ("completed", None)
     assert fake.calls("/api/chat", VISION) == 1
+
+
+def test_an_unknown_feedback_language_fails_feedback_naming_the_variable(
+        db, env, storage, workers):
+    sid = add_submission(db, storage, make_pdf("x"), status="extracted", text="Ein Text.")
+    job = enqueue_feedback(db, sid)
+    workers.start(env | {"AI_FEEDBACK_LANGUAGE": "fr"}, "feedback", *FAST)
+    wait_for(lambda: _finished(db, sid), what="submission failed")
+    assert status_of(db, sid) == ("failed", "feedback_failed")
+    row = q.get_job(db, job)
+    assert (row["status"], row["attempts"]) == ("failed", 1)  # configuration: permanent
+    assert "AI_FEEDBACK_LANGUAGE" in row["error_message"]
+    assert submission(db, sid)["feedback_backend"] is None
 
 
 # --- how job outcomes reach the submission (the trigger, no workers) ----------------------
@@ -545,10 +568,46 @@ def test_cli_submit_wait_takes_a_real_pdf_to_completed_with_the_stub_backend(
     stages = [line.rsplit(": ", 1)[1] for line in proc.stderr.splitlines()
               if line.startswith(f"submission {row['id']}: ")]
     assert stages == ["pending", "extracted", "completed"]
+    # The text is the PDF's own; the feedback is the stub's, and stderr says so.
+    [note] = [line for line in proc.stderr.splitlines() if line.startswith("note: ")]
+    assert "the feedback is a placeholder" in note and "AI_BACKEND=stub" in note
+    assert "text is a placeholder" not in note
 
     shown = jobvisor(env, "submissions", "show", str(row["id"]), "--json")
     assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout)["analysis_status"] == "completed"
+    shown = json.loads(shown.stdout)
+    assert shown["analysis_status"] == "completed"
+    assert (shown["text_backend"], shown["feedback_backend"]) == ("text_layer", "stub")
+
+
+def test_cli_submit_wait_of_a_photo_with_the_stub_says_text_and_feedback_are_placeholders(
+        db, env, tmp_path, workers):
+    pix = pymupdf.Pixmap(pymupdf.csRGB, pymupdf.IRect(0, 0, 64, 48), False)
+    pix.clear_with(200)
+    photo = tmp_path / "foto.png"
+    photo.write_bytes(pix.tobytes("png"))
+    env = env | {"AI_FEEDBACK_LANGUAGE": "en"}  # English, by the setting alone
+    for job_type in ("pdf", "vision", "feedback"):
+        workers.start(env, job_type, *FAST)
+    proc = jobvisor(env, "submit", str(photo), "--owner", "alice", "--wait",
+                    "--timeout", "120s")
+    assert proc.returncode == 0, proc.stderr
+    sid, _, feedback = proc.stdout.partition("\n")
+    row = submission(db, sid.strip())
+    assert (row["text_backend"], row["feedback_backend"]) == ("stub", "stub")
+    assert row["text_body"].startswith("[Placeholder")
+    assert feedback.startswith("> **Placeholder") and "## Feedback" in feedback
+    [note] = [line for line in proc.stderr.splitlines() if line.startswith("note: ")]
+    assert "the text and the feedback are placeholders" in note
+
+    shown = jobvisor(env, "submissions", "show", sid.strip(), "--owner", "alice")
+    assert shown.returncode == 0, shown.stderr
+    lines = [line.strip() for line in shown.stdout.splitlines()]
+    assert "text_backend: stub (placeholder)" in lines
+    assert "feedback_backend: stub (placeholder)" in lines
+    shown = json.loads(jobvisor(env, "submissions", "show", sid.strip(), "--owner", "alice",
+                                "--json").stdout)
+    assert (shown["text_backend"], shown["feedback_backend"]) == ("stub", "stub")
 
 
 def test_cli_submit_wait_exits_1_naming_the_error_code_when_the_submission_fails(
@@ -611,7 +670,9 @@ def test_tesseract_vision_reports_progress_per_page(storage):
             pass
 
     ctx = Ctx()
-    text = vision._read(images, "tesseract", None, VisionSettings(), ctx)
+    read = vision._read(images, "tesseract", None, VisionSettings(), ctx)
+    text, backend = read.text, read.backend_used
+    assert backend == "tesseract"
     assert [n for _, n in ctx.notes] == ["page 1/3", "page 2/3", "page 3/3"]
     assert [f for f, _ in ctx.notes] == sorted(f for f, _ in ctx.notes)
     assert all(f"Seite {i}" in text for i in (1, 2, 3))

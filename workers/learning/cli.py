@@ -3,8 +3,9 @@
 `submit FILE` stores the upload, inserts the submission and enqueues its `pdf` job in
 one transaction (a PDF or a PNG/JPEG photo), and prints the submission id. With
 `--wait` it follows the stages on stderr (pending → extracted → completed) and prints
-the feedback at the end; a failed submission or a wait that times out exits 1.
-`submit DIR` submits every PDF/photo in a folder as one batch.
+the feedback at the end; a failed submission or a wait that times out exits 1. A result
+the stub backend made (a placeholder, `AI_BACKEND=stub`, the default) is said so on
+stderr. `submit DIR` submits every PDF/photo in a folder as one batch.
 
 The plug-in's `commands` (workers/learning/plugin.py): the CLI calls `register(sub, kit)`.
 """
@@ -31,6 +32,8 @@ from workers.core.commands import EXIT_OK, BadInput, CommandKit, Failed
 from workers.learning.storage import storage_from_env
 
 STAGES = ("pending", "extracted", "completed")
+# The backend value that means "a placeholder, no model" (text_backend, feedback_backend).
+STUB = "stub"
 # pdf → vision → feedback: the jobs one submission adds to its batch when all goes well.
 SUBMISSION_STAGES = 3
 POLL_S = 0.5
@@ -164,6 +167,8 @@ def _domain_errors() -> Iterator[None]:
         yield
     except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction):
         raise BadInput("the learning schema is missing: run `jobvisor migrate`") from None
+    except psycopg.errors.UndefinedColumn:
+        raise BadInput("the learning schema is out of date: run `jobvisor migrate`") from None
     except psycopg.errors.InsufficientPrivilege:
         raise BadInput(
             "the database role may not write submissions (the CLI connects as the owner "
@@ -189,7 +194,9 @@ def _wait(dsn: str, submission_id: str, owner: str, timeout: float) -> int:
                     _say(f"submission {submission_id}: {STAGES[index]}")
                 shown_stage = max(shown_stage, STAGES.index(status))
             if status == "completed":
-                print(row["feedback_md"])
+                print(row["feedback_md"], flush=True)
+                if note := placeholder_note(row):
+                    _say(note)
                 return EXIT_OK
             if status == "failed":
                 raise Failed(f"submission {submission_id} failed: {row['error_code']}")
@@ -209,8 +216,9 @@ def _read(conn: psycopg.Connection, submission_id: str, owner: str | None) -> di
             cur.execute("SELECT set_config('app.current_sub', %s, true)", (owner,))
         return cur.execute(
             "SELECT id::text, owner_sub, analysis_status, error_code, source_key, mime_type,"
-            " criteria, text_body, feedback_md, analysis_json, created_at, updated_at,"
-            " extracted_at, finished_at FROM public.learning_submissions WHERE id = %s",
+            " criteria, text_body, feedback_md, analysis_json, text_backend, feedback_backend,"
+            " created_at, updated_at, extracted_at, finished_at"
+            " FROM public.learning_submissions WHERE id = %s",
             (submission_id,),
         ).fetchone()
 
@@ -239,6 +247,18 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def placeholder_note(row: dict[str, Any]) -> str | None:
+    """One line when the stub backend made the submission's text or feedback, else None."""
+    text, feedback = row.get("text_backend") == STUB, row.get("feedback_backend") == STUB
+    if not (text or feedback):
+        return None
+    what = ("the text and the feedback are placeholders" if text and feedback
+            else "the text is a placeholder" if text else "the feedback is a placeholder")
+    return (f"note: {what} from the stub backend (AI_BACKEND=stub, the default), not an "
+            "AI model's work; set AI_BACKEND=local, OLLAMA_BASE_URL, AI_VISION_MODEL and "
+            "AI_FEEDBACK_MODEL for real OCR and feedback (README, quick start)")
+
+
 # --- show --------------------------------------------------------------------------------
 
 
@@ -256,9 +276,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False))
         return EXIT_OK
     for key in ("id", "owner_sub", "analysis_status", "error_code", "mime_type", "source_key",
-                "created_at", "extracted_at", "finished_at"):
+                "created_at", "extracted_at", "finished_at", "text_backend", "feedback_backend"):
         if row[key] is not None:
-            print(f"{key:>16}: {row[key]}")
+            print(f"{key:>16}: {row[key]}" + (" (placeholder)" if row[key] == STUB
+                                              and key.endswith("_backend") else ""))
     print(f"{'criteria':>16}: {len(row['criteria'])}")
     if row["text_body"] is not None:
         print(f"{'text_body':>16}: {len(row['text_body'])} characters (--json shows it)")
@@ -355,12 +376,18 @@ def _wait_submissions(kit: CommandKit, dsn: str, batch_id: str, owner: str,
                        expected_total=SUBMISSION_STAGES * len(submitted))
         outcomes = [(sid, name, _read(conn, sid, owner))
                     for sid, name, _key, _mime in submitted]
-    not_completed = 0
+    not_completed = placeholders = 0
     for sid, name, row in outcomes:
         status = row["analysis_status"] if row else "missing"
         code = (row or {}).get("error_code")
         print(f"{sid}\t{name}\t{status}" + (f"\t{code}" if code else ""))
         not_completed += status != "completed"
+        placeholders += status == "completed" and placeholder_note(row) is not None
+    sys.stdout.flush()
+    if placeholders:
+        _say(f"note: {placeholders} of {len(outcomes)} submissions hold placeholders from the "
+             "stub backend (AI_BACKEND=stub, the default), not a model's work "
+             "(`jobvisor submissions show ID` says which part)")
     if not_completed:
         raise Failed(f"batch {batch_id}: {not_completed} of {len(outcomes)} submissions did "
                      "not complete (`jobvisor submissions show ID` says why)")

@@ -2,7 +2,8 @@
 
 Backends:
 - `stub`: no model; deterministic scores from word counts and the overlap of each
-  criterion's words with the text.
+  criterion's words with the text. Its markdown opens with a line saying it is a
+  placeholder (`> **Platzhalter …**` / `> **Placeholder …**`).
 - `dspy`: a typed DSPy signature on Ollama's OpenAI-compatible endpoint (`/v1`).
   When DSPy fails for any reason, a WARN is logged (error class and code only)
   and the `ollama` path runs instead.
@@ -25,6 +26,9 @@ Environment (read by `FeedbackSettings.from_env` and `feedback_backend`):
 - `AI_KEEP_ALIVE` (direct path only: `/v1` has no keep_alive), `AI_FEEDBACK_OPTIONS`
   (JSON object of Ollama options; `temperature`, `top_p`, `seed`, `num_predict`,
   `stop` also reach DSPy).
+- `AI_FEEDBACK_LANGUAGE`: de | en (default de), the language the feedback is written in:
+  the stub's text, and the instructions, field descriptions and prompt the dspy and
+  ollama backends send. Anything else is a configuration error naming the variable.
 """
 
 from __future__ import annotations
@@ -52,12 +56,110 @@ RETRY_CODE = "feedback_retrying"
 FAIL_CODE = "feedback_failed"
 MAX_COMMENT = 2000
 
-INSTRUCTIONS = (
-    "Du bist eine erfahrene Lehrkraft. Gib der Schülerin oder dem Schüler eine konstruktive, "
-    "ermutigende Rückmeldung auf Deutsch zu ihrem Text. Bewerte jedes Kriterium einzeln mit "
-    f"einer ganzen Zahl von 0 (nicht erfüllt) bis {MAX_SCORE} (voll erfüllt) und begründe kurz. "
-    "Zitiere keine langen Passagen aus dem Text."
-)
+Language = Literal["de", "en"]
+LANGUAGES: tuple[str, ...] = ("de", "en")
+DEFAULT_LANGUAGE: Language = "de"
+
+
+@dataclass(frozen=True)
+class _Wording:
+    """Everything the feedback says or asks in one language."""
+
+    instructions: str  # the system prompt (direct) and the signature's instructions (DSPy)
+    text_desc: str  # DSPy field descriptions
+    criteria_desc: str
+    feedback_desc: str
+    analysis_desc: str
+    criteria_label: str  # the direct call's user message
+    text_label: str
+    answer_as: str
+    # the stub's markdown
+    banner: str
+    heading: str
+    counts: str  # {words} {sentences}
+    word: tuple[str, str]  # singular, plural
+    sentence: tuple[str, str]
+    hits: str  # {hits} {terms} {verb}: some of the criterion's key terms occur
+    term: tuple[str, str]
+    verb: tuple[str, str]  # agreeing with `hits`: 1, else
+    none_of_one: str  # the criterion's one key term does not occur
+    none_of_many: str  # {terms}: none of them occurs
+    no_terms: str
+
+
+WORDING: dict[str, _Wording] = {
+    "de": _Wording(
+        instructions=(
+            "Du bist eine erfahrene Lehrkraft. Gib der Schülerin oder dem Schüler eine "
+            "konstruktive, ermutigende Rückmeldung auf Deutsch zu ihrem Text. Bewerte jedes "
+            f"Kriterium einzeln mit einer ganzen Zahl von 0 (nicht erfüllt) bis {MAX_SCORE} "
+            "(voll erfüllt) und begründe kurz. Zitiere keine langen Passagen aus dem Text."
+        ),
+        text_desc="Text der Schülerin / des Schülers",
+        criteria_desc="Bewertungskriterien",
+        feedback_desc="Rückmeldung an die Lernenden, Markdown, Deutsch",
+        analysis_desc="genau ein Eintrag je Kriterium, in derselben Reihenfolge",
+        criteria_label="Kriterien (JSON)",
+        text_label="Text",
+        answer_as=("Antworte als JSON mit `feedback_md` (Markdown) und `criteria` "
+                   "(je Kriterium `criterion`, `score`, `comment`, in derselben Reihenfolge)."),
+        banner=("> **Platzhalter – keine echte Rückmeldung.** Kein KI-Modell hat diesen Text "
+                "gelesen (`AI_BACKEND=stub`): Die Punkte zählen nur Wörter und "
+                "Schlüsselbegriffe."),
+        heading="## Rückmeldung",
+        counts="Dein Text umfasst {words} in {sentences}.",
+        word=("Wort", "Wörter"),
+        sentence=("Satz", "Sätzen"),
+        hits="{hits} von {terms} des Kriteriums {verb} im Text vor.",
+        term=("Schlüsselbegriff", "Schlüsselbegriffen"),
+        verb=("kommt", "kommen"),
+        none_of_one="Der Schlüsselbegriff des Kriteriums kommt im Text nicht vor.",
+        none_of_many="Keiner der {terms} Schlüsselbegriffe des Kriteriums kommt im Text vor.",
+        no_terms="Das Kriterium nennt keinen Schlüsselbegriff (ein Wort mit mehr als drei "
+                 "Buchstaben).",
+    ),
+    "en": _Wording(
+        instructions=(
+            "You are an experienced teacher. Give the student constructive, encouraging "
+            "feedback in English on their text. Score each criterion separately with a whole "
+            f"number from 0 (not met) to {MAX_SCORE} (fully met) and give a short reason. "
+            "Do not quote long passages from the text."
+        ),
+        text_desc="the student's text",
+        criteria_desc="assessment criteria",
+        feedback_desc="feedback to the student, Markdown, English",
+        analysis_desc="exactly one entry per criterion, in the same order",
+        criteria_label="Criteria (JSON)",
+        text_label="Text",
+        answer_as=("Answer as JSON with `feedback_md` (Markdown) and `criteria` (for each "
+                   "criterion `criterion`, `score`, `comment`, in the same order)."),
+        banner=("> **Placeholder – not real feedback.** No AI model read this text "
+                "(`AI_BACKEND=stub`): the scores only count words and key terms."),
+        heading="## Feedback",
+        counts="Your text has {words} in {sentences}.",
+        word=("word", "words"),
+        sentence=("sentence", "sentences"),
+        hits="{hits} of {terms} of the criterion {verb} in the text.",
+        term=("key term", "key terms"),
+        verb=("appears", "appear"),
+        none_of_one="The criterion's key term does not appear in the text.",
+        none_of_many="None of the criterion's {terms} key terms appears in the text.",
+        no_terms="The criterion names no key term (a word of more than three letters).",
+    ),
+}
+# The German instructions, as before the language setting (kept for importers).
+INSTRUCTIONS = WORDING["de"].instructions
+
+
+def feedback_language(value: str | None = None) -> Language:
+    """AI_FEEDBACK_LANGUAGE (or `value`): de | en, default de; anything else is a ValueError
+    naming the variable."""
+    raw = os.environ.get("AI_FEEDBACK_LANGUAGE") if value is None else value
+    language = (raw or DEFAULT_LANGUAGE).strip().lower() or DEFAULT_LANGUAGE
+    if language not in LANGUAGES:
+        raise ValueError(f"AI_FEEDBACK_LANGUAGE must be one of {', '.join(LANGUAGES)}, "
+                         f"got {raw!r}")
+    return language  # type: ignore[return-value]
 
 
 class CriterionAssessment(pydantic.BaseModel):
@@ -68,7 +170,9 @@ class CriterionAssessment(pydantic.BaseModel):
     # an 11 or a 7.5 is clamped and rounded rather than failing the whole answer.
     score: float = pydantic.Field(
         allow_inf_nan=False,
-        description=f"0 (nicht erfüllt) bis {MAX_SCORE} (voll erfüllt)",
+        # Both languages: one schema serves every AI_FEEDBACK_LANGUAGE.
+        description=f"0–{MAX_SCORE}: 0 = nicht erfüllt / not met, "
+                    f"{MAX_SCORE} = voll erfüllt / fully met",
         json_schema_extra={"minimum": 0, "maximum": MAX_SCORE},
     )
     comment: str = ""
@@ -108,6 +212,11 @@ class FeedbackSettings:
     timeout: ollama.Timeout = (ollama.DEFAULT_CONNECT_TIMEOUT, ollama.DEFAULT_READ_TIMEOUT)
     keep_alive: str | float | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    language: str = DEFAULT_LANGUAGE
+
+    def __post_init__(self) -> None:
+        # Normalised and checked here too: settings built in code fail like the env does.
+        object.__setattr__(self, "language", feedback_language(self.language))
 
     @classmethod
     def from_env(cls, **overrides: Any) -> FeedbackSettings:
@@ -118,6 +227,7 @@ class FeedbackSettings:
             "timeout": ollama.timeout_from_env("feedback"),
             "keep_alive": ollama.keep_alive_from_env(),
             "options": ollama.options_from_env("AI_FEEDBACK_OPTIONS"),
+            "language": feedback_language(),
         }
         values.update(overrides)
         return cls(**values)
@@ -152,7 +262,7 @@ def write_feedback(
     Raises `TransientError("feedback_retrying", ...)` / `PermanentError("feedback_failed", ...)`.
     """
     if backend == "stub":
-        return _stub(text, criteria)
+        return _stub(text, criteria, WORDING[settings.language])
     if backend not in ("dspy", "ollama"):
         raise PermanentError(FAIL_CODE, f"unknown feedback backend {backend!r}")
     if not settings.model:
@@ -172,7 +282,7 @@ def write_feedback(
 # --- stub -------------------------------------------------------------------------
 
 
-def _stub(text: str, criteria: list[str]) -> FeedbackResult:
+def _stub(text: str, criteria: list[str], say: _Wording) -> FeedbackResult:
     words = re.findall(r"\w+", text.lower())
     vocab = set(words)
     sentences = len([s for s in re.split(r"[.!?]+", text) if s.strip()])
@@ -182,25 +292,42 @@ def _stub(text: str, criteria: list[str]) -> FeedbackResult:
         terms = sorted({w for w in re.findall(r"\w+", criterion.lower()) if len(w) > 3})
         hits = sum(1 for t in terms if t in vocab)
         score = 0 if not words else min(MAX_SCORE, 2 + length_points + 4 * hits // max(1, len(terms)))
-        comment = f"{hits} von {len(terms)} Schlüsselbegriffen des Kriteriums kommen im Text vor."
+        comment = _hits(say, hits, len(terms))
         items.append(CriterionAssessment(criterion=criterion, score=score, comment=comment))
     lines = [
-        "## Rückmeldung",
+        # First, so that nobody takes it for a model's judgement (issue #14).
+        say.banner,
         "",
-        f"Dein Text umfasst {len(words)} Wörter in {sentences} Sätzen.",
+        say.heading,
+        "",
+        say.counts.format(words=_count(len(words), say.word),
+                          sentences=_count(sentences, say.sentence)),
         "",
         *[f"- **{i.criterion}**: {int(i.score)}/{MAX_SCORE} – {i.comment}" for i in items],
-        "",
-        "_Automatische Platzhalter-Rückmeldung (ohne KI-Modell)._",
     ]
     return FeedbackResult("\n".join(lines), _analysis(criteria, items), "stub")
+
+
+def _hits(say: _Wording, hits: int, terms: int) -> str:
+    """How many of a criterion's key terms the text uses, in a grammatical sentence."""
+    if not terms:
+        return say.no_terms
+    if not hits:
+        return say.none_of_one if terms == 1 else say.none_of_many.format(terms=terms)
+    return say.hits.format(hits=hits, terms=_count(terms, say.term),
+                           verb=say.verb[0 if hits == 1 else 1])
+
+
+def _count(n: int, forms: tuple[str, str]) -> str:
+    """`1 Wort`, `0 Wörter`, `2 Wörter`: the singular for exactly one (both languages)."""
+    return f"{n} {forms[0] if n == 1 else forms[1]}"
 
 
 # --- dspy -------------------------------------------------------------------------
 
 _lm_lock = threading.Lock()
 _lms: dict[tuple[Any, ...], Any] = {}
-_signature: Any = None
+_signatures: dict[str, Any] = {}  # one per language
 
 
 def _dspy(text: str, criteria: list[str], settings: FeedbackSettings) -> FeedbackResult:
@@ -215,7 +342,8 @@ def _dspy(text: str, criteria: list[str], settings: FeedbackSettings) -> Feedbac
     # Ollama call, which is likelier to parse, for the same one extra inference.
     adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
     with dspy.context(lm=_lm(settings), adapter=adapter, disable_history=True):
-        prediction = dspy.Predict(_feedback_signature())(text=text, criteria=list(criteria))
+        prediction = dspy.Predict(_feedback_signature(settings.language))(
+            text=text, criteria=list(criteria))
     items = [
         i if isinstance(i, CriterionAssessment) else CriterionAssessment.model_validate(i)
         for i in prediction.analysis
@@ -259,35 +387,37 @@ def _dspy_generation_options(options: dict[str, Any]) -> dict[str, Any]:
     return {names[k]: v for k, v in options.items() if k in names}
 
 
-def _feedback_signature() -> Any:
-    global _signature
-    if _signature is None:
+def _feedback_signature(language: str) -> Any:
+    signature = _signatures.get(language)
+    if signature is None:
         import dspy
 
-        class WriteFeedback(dspy.Signature):
-            text: str = dspy.InputField(desc="Text der Schülerin / des Schülers")
-            criteria: list[str] = dspy.InputField(desc="Bewertungskriterien")
-            feedback_md: str = dspy.OutputField(desc="Rückmeldung an die Lernenden, Markdown, Deutsch")
-            analysis: list[CriterionAssessment] = dspy.OutputField(
-                desc="genau ein Eintrag je Kriterium, in derselben Reihenfolge"
-            )
+        say = WORDING[language]
 
-        _signature = WriteFeedback.with_instructions(INSTRUCTIONS)
-    return _signature
+        class WriteFeedback(dspy.Signature):
+            text: str = dspy.InputField(desc=say.text_desc)
+            criteria: list[str] = dspy.InputField(desc=say.criteria_desc)
+            feedback_md: str = dspy.OutputField(desc=say.feedback_desc)
+            analysis: list[CriterionAssessment] = dspy.OutputField(desc=say.analysis_desc)
+
+        # Two threads may both build it: equal classes, the last one stays. Harmless.
+        signature = _signatures[language] = WriteFeedback.with_instructions(say.instructions)
+    return signature
 
 
 # --- direct Ollama ----------------------------------------------------------------
 
 
 def _direct(text: str, criteria: list[str], settings: FeedbackSettings) -> FeedbackResult:
+    say = WORDING[settings.language]
     # Criteria first: a JSON list the model (and the fake server) can mirror.
     user = (
-        f"Kriterien (JSON):\n{json.dumps(list(criteria), ensure_ascii=False)}\n\n"
-        f"Text:\n{text}\n\n"
-        "Antworte als JSON mit `feedback_md` (Markdown) und `criteria` "
-        "(je Kriterium `criterion`, `score`, `comment`, in derselben Reihenfolge)."
+        f"{say.criteria_label}:\n{json.dumps(list(criteria), ensure_ascii=False)}\n\n"
+        f"{say.text_label}:\n{text}\n\n"
+        f"{say.answer_as}"
     )
-    messages = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": user}]
+    messages = [{"role": "system", "content": say.instructions},
+                {"role": "user", "content": user}]
     content = ollama.chat(
         settings.base_url, settings.model, messages, options=settings.options or None,
         keep_alive=settings.keep_alive, format=DIRECT_FORMAT, timeout=settings.timeout,

@@ -1,8 +1,9 @@
 """Page images → text, for the vision handler.
 
 Engines:
-- `stub`: no model. The PDF's text layer when it has one, else a deterministic
-  placeholder derived from the image bytes (tests, demos, `AI_BACKEND=stub`).
+- `stub`: no model. The PDF's text layer when it has one (real text: recorded as
+  `text_layer`), else a deterministic placeholder derived from the image bytes that says
+  it is one, `[Placeholder: no text recognised ...]` (tests, demos, `AI_BACKEND=stub`).
 - `ollama`: one `/api/chat` call with every page image and an OCR prompt.
 - `tesseract`: offline OCR through `workers.learning.ocr_tesseract`.
 
@@ -16,6 +17,10 @@ Environment (read by `VisionSettings.from_env` and `vision_engine`):
   Ollama's default).
 - `AI_VISION_OPTIONS`: JSON object of Ollama model options (`{"num_ctx": 8192}`).
 - `OCR_LANG`: tesseract languages (default deu+eng).
+
+`read_pages` returns the text and what produced it (`VisionResult.backend_used`):
+`stub` (the placeholder), `text_layer` (the PDF's own text), `ollama` or `tesseract`;
+the vision handler stores it as the submission's `text_backend`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,16 @@ OCR_PROMPT = (
     "Unleserliche Stellen markierst du mit [unleserlich]. Antworte nur mit der Transkription.\n"
     "Transcribe faithfully, in markdown, without translating or correcting."
 )
+
+
+# What `VisionResult.backend_used` says when the text is the PDF's own text layer.
+TEXT_LAYER = "text_layer"
+
+
+@dataclass(frozen=True)
+class VisionResult:
+    text: str
+    backend_used: str  # "stub" (a placeholder) | "text_layer" | "ollama" | "tesseract"
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,34 @@ def vision_engine() -> Engine:
     return "ollama" if ai_backend() == "local" else "stub"
 
 
+def read_pages(
+    images: list[bytes],
+    *,
+    engine: Engine,
+    text_layer: str | None,
+    settings: VisionSettings,
+) -> VisionResult:
+    """The text of the pages and what produced it. `text_layer` is what the PDF already
+    carries (the stub uses it; the model engines only when there is no page image).
+
+    Raises `TransientError("vision_retrying", ...)` / `PermanentError("vision_failed", ...)`.
+    """
+    has_layer = bool(text_layer and text_layer.strip())
+    if engine == "stub":
+        if has_layer:
+            return VisionResult(text_layer or "", TEXT_LAYER)
+        return VisionResult(_placeholder(images), "stub")
+    if not images:
+        if has_layer:
+            return VisionResult(text_layer or "", TEXT_LAYER)
+        raise PermanentError(FAIL_CODE, "no page images to read")
+    if engine == "ollama":
+        return VisionResult(_ollama(images, settings), "ollama")
+    if engine == "tesseract":
+        return VisionResult(_tesseract(images, settings), "tesseract")
+    raise PermanentError(FAIL_CODE, f"unknown vision engine {engine!r}")
+
+
 def extract_text(
     images: list[bytes],
     *,
@@ -85,30 +128,20 @@ def extract_text(
     text_layer: str | None,
     settings: VisionSettings,
 ) -> str:
-    """The text of the pages. `text_layer` is what the PDF already carries (stub uses it).
-
-    Raises `TransientError("vision_retrying", ...)` / `PermanentError("vision_failed", ...)`.
-    """
-    if engine == "stub":
-        return _stub(images, text_layer)
-    if not images:
-        if text_layer and text_layer.strip():
-            return text_layer
-        raise PermanentError(FAIL_CODE, "no page images to read")
-    if engine == "ollama":
-        return _ollama(images, settings)
-    if engine == "tesseract":
-        return _tesseract(images, settings)
-    raise PermanentError(FAIL_CODE, f"unknown vision engine {engine!r}")
+    """The text of the pages (`read_pages` without saying what produced it)."""
+    return read_pages(images, engine=engine, text_layer=text_layer, settings=settings).text
 
 
-def _stub(images: list[bytes], text_layer: str | None) -> str:
-    if text_layer and text_layer.strip():
-        return text_layer
+def _placeholder(images: list[bytes]) -> str:
+    """The stub's stand-in for OCR: says what it is first, in words, since it becomes the
+    submission's text; deterministic (the pages' hash), so a retry stores the same."""
     digest = hashlib.sha256()
     for image in images:
         digest.update(hashlib.sha256(image).digest())
-    return f"[stub-ocr {len(images)} page(s) {digest.hexdigest()[:12]}]"
+    n = len(images)
+    pages = f"{n} page" if n == 1 else f"{n} pages"
+    return (f"[Placeholder: no text recognised. The stub backend (AI_BACKEND=stub) reads no "
+            f"images; set AI_BACKEND=local for OCR. {pages}, {digest.hexdigest()[:12]}]")
 
 
 def _ollama(images: list[bytes], settings: VisionSettings) -> str:

@@ -7,9 +7,12 @@ from AI_FEEDBACK_BACKEND / AI_BACKEND; DSPy falls back to a direct Ollama call).
 
 The submission is read in a short read-only transaction (`ctx.read()`) that ends before
 the model call; the result is stored afterwards through `learning_worker_update_completed`
-(which refuses a submission that moved on meanwhile) in this job's fenced, completing
-transaction. Errors: `TransientError("feedback_retrying")` and
-`PermanentError("feedback_failed")`. Logs carry ids, counts and codes, never text.
+(which refuses a submission that moved on meanwhile), with the backend that actually
+wrote it (`feedback_backend`: stub | dspy | ollama, ollama also after a DSPy fallback),
+in this job's fenced, completing transaction. The language is AI_FEEDBACK_LANGUAGE
+(de | en); an unknown one fails the job as a configuration error. Errors:
+`TransientError("feedback_retrying")` and `PermanentError("feedback_failed")`. Logs carry
+ids, counts and codes, never text.
 """
 
 from __future__ import annotations
@@ -78,15 +81,16 @@ def _handle(job: Job, ctx: JobContext) -> dict[str, Any]:
     # The completing transaction starts only now; the guarded write returns false when
     # the submission moved on during the model call.
     (stored,) = ctx.db.execute(
-        "SELECT public.learning_worker_update_completed(%s, %s, %s)",
-        (submission_id, result.feedback_md, Jsonb(result.analysis)),
+        "SELECT public.learning_worker_update_completed(%s, %s, %s, %s)",
+        (submission_id, result.feedback_md, Jsonb(result.analysis), result.backend_used),
     ).fetchone()
     if not stored:
         log.info("submission_moved_on", extra={"job_id": job.id, "submission_id": submission_id})
         return done | {"skipped": "state_changed"}
     log.info("feedback_written", extra={
         "job_id": job.id, "submission_id": submission_id, "backend": result.backend_used,
-        "criteria": len(criteria), "chars": len(result.feedback_md),
+        "language": settings.language, "criteria": len(criteria),
+        "chars": len(result.feedback_md),
     })
     return done | {"backend": result.backend_used, "criteria": len(criteria),
                    "schema": result.analysis.get("schema")}

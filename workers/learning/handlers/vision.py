@@ -8,8 +8,10 @@ OCR reuse: a submission already `extracted` with text gets no model call; the jo
 only enqueues feedback. `extracted` without text is read again and stored. The
 submission is read in a short read-only transaction (`ctx.read()`) that ends before the
 model call; afterwards the text is stored through `learning_worker_update_extracted`
-(which refuses a submission that moved on meanwhile) and the feedback job enqueued in the
-job's completing transaction, so both happen exactly when this job completes.
+(which refuses a submission that moved on meanwhile), together with what produced it
+(`text_backend`: stub = a placeholder, text_layer = the PDF's own text, ollama,
+tesseract), and the feedback job enqueued in the job's completing transaction, so both
+happen exactly when this job completes. Reused text keeps the backend it was stored with.
 
 Errors: `TransientError("vision_retrying")` (the queue retries with backoff) and
 `PermanentError("vision_failed")`. Logs carry ids, counts and codes, never text.
@@ -27,8 +29,9 @@ from workers import Job, JobContext, PayloadError, PermanentError
 from workers.learning.ai.vision import (
     FAIL_CODE,
     RETRY_CODE,
+    VisionResult,
     VisionSettings,
-    extract_text,
+    read_pages,
     vision_engine,
 )
 from workers.learning.handlers.stage import model_overrides, run_stage
@@ -76,7 +79,8 @@ def _handle(job: Job, ctx: JobContext) -> dict[str, Any]:
     storage = storage_from_env()
     images = _images(storage, payload)
     text_layer = _text_layer(storage, payload.get("text_layer_key"))
-    text = _read(images, engine, text_layer, settings, ctx)
+    read = _read(images, engine, text_layer, settings, ctx)
+    text = read.text
     if not text.strip():
         # Temperature 0 and the same pages: a retry would read nothing again.
         raise PermanentError(FAIL_CODE, f"no text recognised on {len(images)} page(s)")
@@ -84,7 +88,8 @@ def _handle(job: Job, ctx: JobContext) -> dict[str, Any]:
     # The completing transaction starts only now. The guarded write re-checks the state
     # read above: it returns false when the submission moved on during the model call.
     (stored,) = ctx.db.execute(
-        "SELECT public.learning_worker_update_extracted(%s, %s)", (submission_id, text)
+        "SELECT public.learning_worker_update_extracted(%s, %s, %s)",
+        (submission_id, text, read.backend_used),
     ).fetchone()
     if not stored:
         # Someone else moved the submission on meanwhile; whoever did owns the next step.
@@ -93,26 +98,27 @@ def _handle(job: Job, ctx: JobContext) -> dict[str, Any]:
     feedback_job = _enqueue_feedback(job, ctx, submission_id)
     log.info("vision_extracted", extra={
         "job_id": job.id, "submission_id": submission_id, "engine": engine,
-        "pages": len(images), "chars": len(text), "feedback_job": feedback_job,
+        "text_backend": read.backend_used, "pages": len(images), "chars": len(text),
+        "feedback_job": feedback_job,
     })
-    return done | {"reused_text": False, "engine": engine, "pages": len(images),
-                   "chars": len(text), "feedback_job": feedback_job}
+    return done | {"reused_text": False, "engine": engine, "text_backend": read.backend_used,
+                   "pages": len(images), "chars": len(text), "feedback_job": feedback_job}
 
 
 def _read(images: list[bytes], engine: str, text_layer: str | None, settings: VisionSettings,
-          ctx: JobContext) -> str:
+          ctx: JobContext) -> VisionResult:
     """OCR the pages. Tesseract goes page by page, reporting progress per page; the model
     gets the whole document in one request (it reads pages in context)."""
     n = len(images)
     if engine != "tesseract" or n == 1:
         ctx.progress(0.1, f"reading {n} page(s)")
-        return extract_text(images, engine=engine, text_layer=text_layer, settings=settings)
+        return read_pages(images, engine=engine, text_layer=text_layer, settings=settings)
     pages = []
     for i, image in enumerate(images, 1):
         ctx.check_cancelled()
-        pages.append(extract_text([image], engine=engine, text_layer=None, settings=settings))
+        pages.append(read_pages([image], engine=engine, text_layer=None, settings=settings).text)
         ctx.progress(i / n * 0.9, f"page {i}/{n}")
-    return "\n\n".join(pages)
+    return VisionResult("\n\n".join(pages), engine)
 
 
 def _submission_id(payload: dict[str, Any]) -> str:
