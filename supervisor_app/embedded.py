@@ -1,36 +1,25 @@
-"""The embedded PostgreSQL (pgserver) used when no DATABASE_URL is given.
+"""The embedded PostgreSQL (pgserver) used when no database variable is set.
 
-Data lives under `.jobvisor/pgdata` and is kept between runs. pgserver shares one
-server between the processes that ask for it and stops it when the last one exits,
-so `jobvisor enqueue` next to a running `jobvisor run` reuses the same server.
+The core lives in workers.core.embedded, so a bare `python -m workers` can use it too
+(workers never imports supervisor_app); this module keeps the supervisor's name for it.
+Its lifetime (held by the processes using it, pinned by `jobvisor db start`) is
+described there and in the README, "The embedded database".
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import warnings
-from pathlib import Path
+from workers.core.embedded import (
+    DEFAULT_HOME,
+    EmbeddedUnavailable,
+    ServerHeld,
+    Status,
+    data_dir,
+    home,
+    psql_path,
+    start,
+    status,
+    stop,
+)
 
-log = logging.getLogger("jobvisor.embedded")
-
-DEFAULT_HOME = Path(".jobvisor")
-
-
-def home() -> Path:
-    return Path(os.environ.get("JOBVISOR_HOME", DEFAULT_HOME)).resolve()
-
-
-def start(data_dir: Path | None = None, *, keep_running: bool = False) -> str:
-    """Start (or attach to) the embedded server and return its DSN."""
-    with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless.
-        warnings.simplefilter("ignore")
-        import pgserver  # only needed without DATABASE_URL
-
-    data_dir = (data_dir or home() / "pgdata").resolve()
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data_dir, cleanup_mode=None if keep_running else "stop")
-    uri = server.get_uri()
-    log.info("embedded_postgres_ready", extra={"data_dir": str(data_dir)})
-    return uri
+__all__ = ["DEFAULT_HOME", "EmbeddedUnavailable", "ServerHeld", "Status", "data_dir", "home",
+           "psql_path", "start", "status", "stop"]

@@ -1,7 +1,10 @@
 """`python -m workers --type TYPE [--concurrency N]`: one sub-worker process.
 
-The DSN is the worker role's (workers.core.dsn: LEARNING_DATABASE_URL, else DATABASE_URL) (never from arguments, so it
-can't show in `ps`). The supervisor passes every other setting as flags.
+The DSN is the worker role's (workers.core.dsn: LEARNING_DATABASE_URL, else DATABASE_URL),
+never from arguments, so it can't show in `ps`. With no database variable set at all it
+is the embedded PostgreSQL under $JOBVISOR_HOME, as for the CLI: started if needed and held
+while this process runs (workers.core.embedded). The supervisor passes every other setting
+as flags.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import os
 import signal
 import sys
 
-from workers.core import logs
-from workers.core.dsn import dsn_for
+from workers.core import embedded, logs
+from workers.core.dsn import ROLE_VARIABLES, dsn_for
 from workers.core.registry import HandlerError, load
 from workers.core.runtime import Runtime, WorkerSettings
 
@@ -86,14 +89,23 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("not an object")
     except ValueError as exc:
         return _fail(f"--options and --attempts-by-type must be JSON objects: {exc}")
-    dsn = dsn_for("worker")
-    if not dsn:
-        return _fail("no database: set LEARNING_DATABASE_URL or DATABASE_URL "
-                     "(`jobvisor db-url` prints the embedded one)")
     try:
         handler = load(args.job_type, args.handler)
     except HandlerError as exc:
         return _fail(f"{exc.code}: {exc}")
+    dsn = dsn_for("worker")
+    if not dsn:
+        # The CLI's rule (supervisor_app.database): the embedded server stands in only
+        # when no database variable is set, never for a role whose variable is missing.
+        named = sorted({v for vs in ROLE_VARIABLES.values() for v in vs
+                        if os.environ.get(v, "").strip()})
+        if named:
+            return _fail(f"{', '.join(named)} set but not LEARNING_DATABASE_URL or "
+                         "DATABASE_URL: the worker role connects with those")
+        try:
+            dsn = embedded.start()
+        except embedded.EmbeddedUnavailable as exc:
+            return _fail(str(exc))
     settings = WorkerSettings(
         job_type=args.job_type, concurrency=args.concurrency, prefetch=max(0, args.prefetch),
         lease=args.lease, heartbeat=args.heartbeat, poll=args.poll, listen=not args.no_listen,

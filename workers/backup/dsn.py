@@ -15,43 +15,9 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict
 
-# Which DSN a backup uses is workers.core.dsn's rule (role `backup`).
+from workers.core.dsn import PG_VARIABLE_FOR
 
-# libpq keyword -> the environment variable libpq reads for it (libpq docs, 34.15).
-_ENV_FOR_KEYWORD = {
-    "host": "PGHOST",
-    "hostaddr": "PGHOSTADDR",
-    "port": "PGPORT",
-    "dbname": "PGDATABASE",
-    "user": "PGUSER",
-    "passfile": "PGPASSFILE",
-    "require_auth": "PGREQUIREAUTH",
-    "channel_binding": "PGCHANNELBINDING",
-    "connect_timeout": "PGCONNECT_TIMEOUT",
-    "client_encoding": "PGCLIENTENCODING",
-    "options": "PGOPTIONS",
-    "application_name": "PGAPPNAME",
-    "gssencmode": "PGGSSENCMODE",
-    "sslmode": "PGSSLMODE",
-    "requiressl": "PGREQUIRESSL",
-    "sslcompression": "PGSSLCOMPRESSION",
-    "sslcert": "PGSSLCERT",
-    "sslkey": "PGSSLKEY",
-    "sslcertmode": "PGSSLCERTMODE",
-    "sslrootcert": "PGSSLROOTCERT",
-    "sslcrl": "PGSSLCRL",
-    "sslcrldir": "PGSSLCRLDIR",
-    "sslsni": "PGSSLSNI",
-    "requirepeer": "PGREQUIREPEER",
-    "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
-    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
-    "krbsrvname": "PGKRBSRVNAME",
-    "gsslib": "PGGSSLIB",
-    "gssdelegation": "PGGSSDELEGATION",
-    "service": "PGSERVICE",
-    "target_session_attrs": "PGTARGETSESSIONATTRS",
-    "load_balance_hosts": "PGLOADBALANCEHOSTS",
-}
+# Which DSN a backup uses is workers.core.dsn's rule (role `backup`).
 
 # Keywords libpq has no variable for. They name no host, user or secret, so they may
 # travel as a small conninfo string in pg_dump's `--dbname` (the database itself still
@@ -104,8 +70,8 @@ def parse_dsn(dsn: str) -> PgConnection:
         value = "" if raw is None else str(raw)
         if key == "password":
             password = value or None
-        elif key in _ENV_FOR_KEYWORD:
-            env[_ENV_FOR_KEYWORD[key]] = value
+        elif key in PG_VARIABLE_FOR:
+            env[PG_VARIABLE_FOR[key]] = value
         elif key in _ARGV_SAFE_KEYWORDS:
             extras.append(f"{key}={_quote_conninfo(value)}")
         elif key in _DROPPED_KEYWORDS:
