@@ -23,6 +23,7 @@ from typing import Annotated, Any
 import yaml
 from croniter import croniter
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -46,8 +47,42 @@ _HANDLER_RE = re.compile(
 )
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-Bytes = Annotated[int, BeforeValidator(parse_bytes)]
-Seconds = Annotated[float, BeforeValidator(parse_duration)]
+# Upper bounds (README, "Configuration limits"). Far above any real deployment, they catch
+# typos (`max: 100000000`) before the planner sizes pools by them, and keep values within
+# the database's columns (priority and max_attempts are int4).
+MAX_PROCESSES = 1024  # per type and host
+MAX_CONCURRENCY = 1024  # jobs in flight per process; also prefetch
+MAX_GLOBAL_CONCURRENCY = 100_000
+MAX_ATTEMPTS = 1000
+MAX_QUICK_FAILURES = 1000
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
+MAX_BYTES = 1024**5  # 1PiB, for every memory size
+MAX_INTERVAL = 3600.0  # 1h: how often the supervisor re-plans, how long a poll waits
+MAX_DEADLINE = 86400.0  # 1d: leases, grace, restart backoff, duty periods
+MAX_JOB_TIME = 30 * 86400.0  # 30d: a job's timeout and its retry backoff
+MAX_RETENTION = 3650 * 86400.0  # 10 years of finished jobs
+
+
+def _at_most(bound: float, shown: Any) -> Any:
+    def check(v: Any) -> Any:
+        if v is not None and v > bound:
+            raise ValueError(f"must be <= {shown(bound)} (got {shown(v)})")
+        return v
+    return AfterValidator(check)
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes), _at_most(MAX_BYTES, format_bytes)]
+
+
+def _seconds_at_most(bound: float) -> Any:
+    """A duration field at most `bound` seconds; the error shows both with units."""
+    return Annotated[float, BeforeValidator(parse_duration), _at_most(bound, format_duration)]
+
+
+Seconds = _seconds_at_most(MAX_DEADLINE)
+IntervalSeconds = _seconds_at_most(MAX_INTERVAL)
+JobSeconds = _seconds_at_most(MAX_JOB_TIME)
+RetentionSeconds = _seconds_at_most(MAX_RETENTION)
 
 
 class ConfigError(Exception):
@@ -85,7 +120,7 @@ class RestartConfig(_Model):
     backoff: Seconds = Field(1.0, gt=0)
     max_backoff: Seconds = Field(60.0, gt=0)
     healthy_after: Seconds = Field(10.0, gt=0)
-    max_quick_failures: int = Field(5, ge=1)
+    max_quick_failures: int = Field(5, ge=1, le=MAX_QUICK_FAILURES)
 
     @field_validator("max_backoff")
     @classmethod
@@ -95,7 +130,7 @@ class RestartConfig(_Model):
 
 class SupervisorConfig(_Model):
     http: HttpConfig = HttpConfig()
-    replan: Seconds = Field(5.0, gt=0)
+    replan: IntervalSeconds = Field(5.0, gt=0)
     grace: Seconds = Field(30.0, ge=0)
     reserve: ReserveConfig = ReserveConfig()
     restart: RestartConfig = RestartConfig()
@@ -111,15 +146,15 @@ class SupervisorConfig(_Model):
 
 
 class RetentionConfig(_Model):
-    completed: Seconds = Field(7 * 86400.0, ge=0)
-    failed: Seconds = Field(30 * 86400.0, ge=0)
-    cancelled: Seconds = Field(7 * 86400.0, ge=0)
+    completed: RetentionSeconds = Field(7 * 86400.0, ge=0)
+    failed: RetentionSeconds = Field(30 * 86400.0, ge=0)
+    cancelled: RetentionSeconds = Field(7 * 86400.0, ge=0)
 
 
 class QueueConfig(_Model):
     lease: Seconds = Field(60.0, gt=0)
     heartbeat: Seconds = Field(15.0, gt=0)
-    poll: Seconds = Field(2.0, gt=0)
+    poll: IntervalSeconds = Field(2.0, gt=0)
     listen: bool = True  # false = poll only, for PgBouncer in transaction pooling mode
     retention: RetentionConfig = RetentionConfig()
     rescue_every: Seconds = Field(5.0, gt=0)
@@ -136,8 +171,8 @@ class QueueConfig(_Model):
 
 
 class ProcessesConfig(_Model):
-    min: int = Field(1, ge=0)
-    max: int = Field(1, ge=1)
+    min: int = Field(1, ge=0, le=MAX_PROCESSES)
+    max: int = Field(1, ge=1, le=MAX_PROCESSES)
 
     @field_validator("max")
     @classmethod
@@ -146,9 +181,9 @@ class ProcessesConfig(_Model):
 
 
 class RetryConfig(_Model):
-    max_attempts: int = Field(5, ge=1)
-    backoff: Seconds = Field(5.0, ge=0)
-    max_backoff: Seconds = Field(600.0, ge=0)
+    max_attempts: int = Field(5, ge=1, le=MAX_ATTEMPTS)
+    backoff: JobSeconds = Field(5.0, ge=0)
+    max_backoff: JobSeconds = Field(600.0, ge=0)
 
     @field_validator("max_backoff")
     @classmethod
@@ -159,16 +194,16 @@ class RetryConfig(_Model):
 class TypeConfig(_Model):
     handler: str | None = None  # "package.module:function"; built-ins resolve by type name
     processes: ProcessesConfig = ProcessesConfig()
-    concurrency: int = Field(1, ge=1)
-    prefetch: int = Field(0, ge=0)
+    concurrency: int = Field(1, ge=1, le=MAX_CONCURRENCY)
+    prefetch: int = Field(0, ge=0, le=MAX_CONCURRENCY)
     memory_per_job: Bytes = Field(parse_bytes("256MiB"), ge=0)
     memory_limit: Bytes | None = Field(None, gt=0)
     gpu_memory_per_job: Bytes = Field(0, ge=0)
-    priority: int = 0
-    timeout: Seconds = Field(300.0, gt=0)
+    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    timeout: JobSeconds = Field(300.0, gt=0)
     lease: Seconds | None = Field(None, gt=0)
     retry: RetryConfig = RetryConfig()
-    global_concurrency: int | None = Field(None, ge=1)
+    global_concurrency: int | None = Field(None, ge=1, le=MAX_GLOBAL_CONCURRENCY)
     schedule: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 

@@ -1,7 +1,7 @@
 """Byte sizes and durations as people write them in YAML: "512MiB", "1.5G", "30s", "10m".
 
-Sizes: bare numbers are bytes; KiB/MiB/GiB/TiB (and Ki/Mi/Gi/Ti) are binary; kB/MB/GB/TB
-(and k/K/M/G/T) are decimal, as in Kubernetes quantities. Unit letters are matched
+Sizes: bare numbers are bytes; KiB/MiB/GiB/TiB/PiB (and Ki/Mi/Gi/Ti/Pi) are binary;
+kB/MB/GB/TB/PB (and k/K/M/G/T/P) are decimal, as in Kubernetes quantities. Unit letters are matched
 case-insensitively because nobody means "megabit" in a memory quota.
 
 Durations: bare numbers are seconds; units ms, s, m, h, d, and they may be chained
@@ -32,6 +32,10 @@ _BYTE_UNITS: dict[str, int] = {
     "gib": 1024**3,
     "ti": 1024**4,
     "tib": 1024**4,
+    "p": 1000**5,
+    "pb": 1000**5,
+    "pi": 1024**5,
+    "pib": 1024**5,
 }
 
 _DURATION_UNITS: dict[str, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -62,9 +66,12 @@ def parse_bytes(v: str | int) -> int:
     factor = _BYTE_UNITS.get(unit.lower())
     if factor is None:
         raise ValueError(
-            f"invalid size {v!r}: unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB, kB, MB, GB, TB)"
+            f"invalid size {v!r}: unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB, PiB, kB, MB, GB, TB, PB)"
         )
-    return round(float(number) * factor)
+    size = float(number) * factor
+    if not math.isfinite(size):  # "9" * 400: a float overflows to inf
+        raise ValueError(f"invalid size {v!r}: too large")
+    return round(size)
 
 
 def parse_duration(v: str | int | float) -> float:
@@ -80,6 +87,9 @@ def parse_duration(v: str | int | float) -> float:
     text = v.strip()
     if not text:
         raise ValueError(f"invalid duration {v!r}: empty")
+    if text.startswith("-"):
+        raise ValueError(f"invalid duration {v!r}: must not be negative "
+                         "(0 or more, e.g. '0s', '30s', '10m', '2h')")
     total = 0.0
     pos = 0
     while pos < len(text):
@@ -95,6 +105,8 @@ def parse_duration(v: str | int | float) -> float:
             raise ValueError(f"invalid duration {v!r}: unknown unit {unit!r} (use ms, s, m, h, d)")
         total += float(number) * factor
         pos = m.end()
+    if not math.isfinite(total):  # "9" * 400: a float overflows to inf
+        raise ValueError(f"invalid duration {v!r}: too large")
     return total
 
 
@@ -102,7 +114,7 @@ def format_bytes(n: int | float) -> str:
     """Short binary rendering for logs and status: 512 -> "512B", 1536 -> "1.5KiB"."""
     sign = "-" if n < 0 else ""
     n = abs(n)
-    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+    for unit, factor in (("PiB", 1024**5), ("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if n >= factor:
             text = f"{n / factor:.1f}".removesuffix(".0")
             return f"{sign}{text}{unit}"

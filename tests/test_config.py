@@ -313,3 +313,102 @@ def test_diff_tells_resize_from_settings_change() -> None:
     assert diff.removed == {"sleep"}
     assert not diff.unchanged
     assert diff_types(old, load_config(SHIPPED)).unchanged
+
+
+# --- upper bounds: absurd quotas are refused, naming the key and the bound --------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("types: {vision: {processes: {max: 100000000}}}",
+         "types.vision.processes.max: must be <= 1024 (got 100000000)"),
+        ("types: {vision: {processes: {min: 2000, max: 2000}}}",
+         "types.vision.processes.min: must be <= 1024 (got 2000)"),
+        ("types: {vision: {concurrency: 100000000}}",
+         "types.vision.concurrency: must be <= 1024 (got 100000000)"),
+        ("types: {vision: {prefetch: 5000}}", "types.vision.prefetch: must be <= 1024"),
+        ("types: {vision: {priority: 99999999999}}",
+         "types.vision.priority: must be <= 2147483647"),
+        ("types: {vision: {priority: -99999999999}}",
+         "types.vision.priority: must be >= -2147483648"),
+        ("types: {vision: {retry: {max_attempts: 1000000}}}",
+         "types.vision.retry.max_attempts: must be <= 1000"),
+        ("types: {vision: {global_concurrency: 10000000}}",
+         "types.vision.global_concurrency: must be <= 100000"),
+        ("types: {vision: {timeout: 99999d}}",
+         "types.vision.timeout: must be <= 30d (got 99999d)"),
+        ("types: {vision: {lease: 99999d}}", "types.vision.lease: must be <= 1d"),
+        ("types: {vision: {retry: {backoff: 400d, max_backoff: 400d}}}",
+         "types.vision.retry.backoff: must be <= 30d"),
+        ("types: {vision: {memory_per_job: 2000TiB}}",
+         "types.vision.memory_per_job: must be <= 1PiB"),
+        ("types: {vision: {memory_limit: 99999999TiB}}", "types.vision.memory_limit: must be <= 1PiB"),
+        ("types: {vision: {gpu_memory_per_job: 9PiB}}",
+         "types.vision.gpu_memory_per_job: must be <= 1PiB (got 9PiB)"),
+        ("supervisor: {reserve: {memory: 5PB}}", "supervisor.reserve.memory: must be <= 1PiB"),
+        ("supervisor: {replan: 2d}", "supervisor.replan: must be <= 1h"),
+        ("supervisor: {grace: 99999d}", "supervisor.grace: must be <= 1d"),
+        ("supervisor: {restart: {max_quick_failures: 1000000}}",
+         "supervisor.restart.max_quick_failures: must be <= 1000"),
+        ("supervisor: {restart: {max_backoff: 99d}}", "supervisor.restart.max_backoff: must be <= 1d"),
+        ("supervisor: {child_heartbeat_timeout: 9d}",
+         "supervisor.child_heartbeat_timeout: must be <= 1d"),
+        ("queue: {lease: 99999d}", "queue.lease: must be <= 1d"),
+        ("queue: {poll: 2d}", "queue.poll: must be <= 1h"),
+        ("queue: {retention: {failed: 99999d}}", "queue.retention.failed: must be <= 3650d"),
+        ("queue: {prune_every: 99d}", "queue.prune_every: must be <= 1d"),
+        ("types: {vision: {timeout: '9999999999999999999999999999999999999999999999s'}}",
+         "types.vision.timeout: must be <= 30d"),
+    ],
+)
+def test_absurd_quotas_are_refused_naming_key_and_bound(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    assert error_for(tmp_path, text).startswith(expected)
+
+
+def test_quotas_at_their_upper_bounds_are_accepted() -> None:
+    cfg = parse_config({
+        "supervisor": {"reserve": {"memory": "1PiB"}, "replan": "1h", "grace": "1d"},
+        "queue": {"lease": "1d", "poll": "1h", "retention": {"completed": "3650d"}},
+        "types": {"big": {"processes": {"min": 1024, "max": 1024}, "concurrency": 1024,
+                          "prefetch": 1024, "priority": 2**31 - 1, "timeout": "30d",
+                          "memory_per_job": "1PiB", "gpu_memory_per_job": "1PiB",
+                          "retry": {"max_attempts": 1000, "backoff": "30d",
+                                    "max_backoff": "30d"},
+                          "global_concurrency": 100000}},
+    })
+    big = cfg.types["big"]
+    assert big.processes.max == 1024 and big.memory_per_job == 1024**5
+    assert cfg.queue.retention.completed == 3650 * 86400.0
+    assert parse_config({"types": {"low": {"priority": -(2**31)}}}).types["low"].priority < 0
+
+
+def test_readme_documents_each_upper_bound() -> None:
+    from supervisor_app import config
+    from supervisor_app.units import format_bytes, format_duration
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("### Configuration limits"):]
+    table = table[:table.index("\n\n", table.index("| key |"))]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in table.splitlines() if line.startswith("| `") or line.startswith("| every")}
+    shown = {
+        "`types.*.processes.min`, `types.*.processes.max`": str(config.MAX_PROCESSES),
+        "`types.*.concurrency`, `types.*.prefetch`": str(config.MAX_CONCURRENCY),
+        "`types.*.global_concurrency`": str(config.MAX_GLOBAL_CONCURRENCY),
+        "`types.*.retry.max_attempts`, `supervisor.restart.max_quick_failures`":
+            str(config.MAX_ATTEMPTS),
+        "`types.*.timeout`, `types.*.retry.backoff`, `types.*.retry.max_backoff`":
+            format_duration(config.MAX_JOB_TIME),
+        "`supervisor.replan`, `queue.poll`": format_duration(config.MAX_INTERVAL),
+        "`queue.retention.*`": format_duration(config.MAX_RETENTION),
+    }
+    for key, bound in shown.items():
+        assert rows[key] == bound, key
+    assert config.MAX_ATTEMPTS == config.MAX_QUICK_FAILURES
+    assert any(v == format_bytes(config.MAX_BYTES) for v in rows.values())
+    assert any(v == format_duration(config.MAX_DEADLINE) for v in rows.values())
+    assert any(v.startswith(f"{config.PRIORITY_MIN} to {config.PRIORITY_MAX}")
+               for v in rows.values())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from collections.abc import Iterator
@@ -13,11 +12,18 @@ from typing import Any
 import psycopg
 
 from supervisor_app.cli.batches import check_callback_url
-from supervisor_app.cli.common import check_type, connect, json_payload, max_attempts
+from supervisor_app.cli.common import (
+    check_type,
+    connect,
+    json_payload,
+    known_types,
+    max_attempts,
+)
 from workers.core import queue
 from workers.core.commands import EXIT_OK, BadInput, CommandKit, Failed
 
 ENQUEUE_CHUNK = 5000
+MAX_DELAY = 3650 * 86400.0  # 10 years: far past any real schedule, well within timestamptz
 
 
 def register(sub: Any, kit: CommandKit) -> None:
@@ -51,22 +57,55 @@ def register(sub: Any, kit: CommandKit) -> None:
 
 
 def _payloads_from_file(path: Path) -> Iterator[Any]:
+    """Each non-blank line's payload; BadInput naming the file and line of the first bad
+    one (not UTF-8, not JSON, or not storable as jsonb)."""
     try:
-        handle = sys.stdin if str(path) == "-" else path.open(encoding="utf-8")
+        handle = sys.stdin.buffer if str(path) == "-" else path.open("rb")
     except OSError as exc:
         raise BadInput(f"{path}: {exc.strerror}") from exc
     with handle:
-        for lineno, line in enumerate(handle, 1):
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadInput(f"{path}:{lineno}: not UTF-8 text (invalid byte at column "
+                               f"{exc.start + 1}); convert the file to UTF-8") from None
             if line.strip():
                 yield json_payload(line, f"{path}:{lineno}")
 
 
+def _in_range(option: str, value: int | float | None, low: float, high: float,
+              shown: str) -> None:
+    if value is not None and not low <= value <= high:
+        raise BadInput(f"{option}: must be within {shown}, got {value}")
+
+
+def _check_text(option: str, value: str | None) -> None:
+    # Bytes that aren't UTF-8 reach argv as lone surrogates (surrogateescape).
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadInput(f"{option}: not UTF-8 text") from None
+        if "\x00" in value:
+            raise BadInput(f"{option}: holds a NUL character")
+
+
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    from supervisor_app.config import MAX_ATTEMPTS, PRIORITY_MAX, PRIORITY_MIN
+    from supervisor_app.units import format_duration
+
     check_type(args.job_type)
     if (args.payload is None) == (args.file is None):
         raise BadInput("give exactly one of --payload JSON or --file PATH")
-    if args.max_attempts is not None and args.max_attempts < 1:
-        raise BadInput(f"--max-attempts must be >= 1, got {args.max_attempts}")
+    # The columns are int4 and timestamptz: refuse here, with the range, what they can't hold.
+    _in_range("--priority", args.priority, PRIORITY_MIN, PRIORITY_MAX,
+              f"{PRIORITY_MIN}..{PRIORITY_MAX}")
+    _in_range("--max-attempts", args.max_attempts, 1, MAX_ATTEMPTS, f"1..{MAX_ATTEMPTS}")
+    if args.delay > MAX_DELAY:
+        raise BadInput(f"--delay: at most {format_duration(MAX_DELAY)} (10 years)")
+    _check_text("--key", args.key)
+    _check_text("--batch", args.batch)
     if args.file is not None and args.key:
         raise BadInput("--key applies to one job; use --payload with --key")
     attempts = args.max_attempts or max_attempts(args.job_type)
@@ -81,24 +120,38 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         iter([json_payload(args.payload, "--payload")]) if args.payload is not None
         else _payloads_from_file(Path(args.file))
     )
-    # A batch is filled in one transaction: it must not finish (and fire its webhook)
-    # between two chunks.
-    batch = args.batch is not None
-    with connect() as conn, (conn.transaction() if batch else contextlib.nullcontext()):
-        if batch:
-            try:
-                queue.create_batch(conn, args.batch, callback_url=callback)
-            except ValueError as exc:
-                raise BadInput(f"--batch: {exc}") from None
-        chunk: list[queue.NewJob] = []
-        for payload in payloads:
-            chunk.append(new(payload))
-            if len(chunk) >= ENQUEUE_CHUNK:
-                _print_ids(queue.enqueue_many(conn, chunk))
-                chunk = []
-        if chunk:
-            _print_ids(queue.enqueue_many(conn, chunk))
+    # One transaction for all chunks: a bad line further down leaves nothing enqueued, and
+    # a batch must not finish (and fire its webhook) between two chunks. The ids are
+    # printed once it has committed.
+    ids: list[int] = []
+    with connect() as conn:
+        with conn.transaction():
+            if args.batch is not None:
+                try:
+                    queue.create_batch(conn, args.batch, callback_url=callback)
+                except ValueError as exc:
+                    raise BadInput(f"--batch: {exc}") from None
+            chunk: list[queue.NewJob] = []
+            for payload in payloads:
+                chunk.append(new(payload))
+                if len(chunk) >= ENQUEUE_CHUNK:
+                    ids.extend(queue.enqueue_many(conn, chunk))
+                    chunk = []
+            if chunk:
+                ids.extend(queue.enqueue_many(conn, chunk))
+        unserved = not _served(conn, args.job_type)
+    _print_ids(ids)
+    if unserved:
+        print(f"jobvisor: warning: no configured type and no running supervisor serves "
+              f"{args.job_type!r}; the job(s) stay queued until one does", file=sys.stderr)
     return EXIT_OK
+
+
+def _served(conn: psycopg.Connection, job_type: str) -> bool:
+    """Whether the YAML configures `job_type` or a live supervisor says it serves it."""
+    from supervisor_app.registry_table import live_supervisors, served_types
+
+    return job_type in known_types() or job_type in served_types(live_supervisors(conn))
 
 
 def _print_ids(ids: list[int]) -> None:

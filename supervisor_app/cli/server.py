@@ -15,6 +15,7 @@ def register(sub: Any, kit: CommandKit) -> None:
     sp.add_argument("--config", help="quotas YAML (default: $JOBVISOR_CONFIG, "
                     "./config/jobvisor.yaml, /etc/jobvisor/jobvisor.yaml)")
     sp.add_argument("--types", help="comma-separated subset of configured types to run")
+    sp.set_defaults(service=True)  # logs at INFO, like its children (cli.main.log_level)
 
     kit.add("reload", cmd_reload, "send SIGHUP to the running supervisor (pid file)", sub)
 

@@ -406,27 +406,72 @@ class ResultError(ValueError):
     """A handler's result that jsonb cannot hold."""
 
 
-def encode_result(result: Any) -> str | None:
-    """The result as the JSON text jsonb will accept, or ResultError naming why not.
+class PayloadError(ValueError):
+    """A payload that jsonb cannot hold or a worker could not decode; the message names
+    the problem, never the payload's content."""
+
+
+# Deeper than this, a worker's `json.loads` (recursion-bounded, in a thread) may fail to
+# decode what PostgreSQL stored: refused at enqueue instead of failing the job later.
+MAX_PAYLOAD_DEPTH = 500
+
+
+def _jsonb_text(value: Any, what: str, error: type[ValueError]) -> str:
+    """`value` as the JSON text jsonb will accept, or `error` naming why not.
 
     `json.dumps` accepts what jsonb refuses: NaN and Infinity, NUL characters (jsonb
     text can't hold U+0000) and lone surrogates (not UTF-8).
     """
-    if result is None:
-        return None
     try:
-        text = json.dumps(result, allow_nan=False, ensure_ascii=False)
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
     except RecursionError:
-        raise ResultError("result nesting is too deep") from None
-    except (TypeError, ValueError) as exc:
-        raise ResultError(f"result is not JSON: {exc}"[:200]) from None
+        raise error(f"{what} nesting is too deep") from None
+    except ValueError as exc:
+        problem = ("a circular reference" if "ircular" in str(exc)
+                   else "NaN or Infinity")  # allow_nan=False
+        raise error(f"{what} holds {problem} (not JSON)") from None
+    except TypeError as exc:  # names the Python type, not the value
+        raise error(f"{what} is not JSON: {exc}"[:200]) from None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ResultError("result holds a lone surrogate (not UTF-8)") from None
+        raise error(f"{what} holds a lone surrogate (not UTF-8)") from None
     if _NUL_ESCAPE.search(text):
-        raise ResultError("result holds a NUL character (\\u0000), which jsonb can't store")
+        raise error(f"{what} holds a NUL character (\\u0000), which jsonb can't store")
     return text
+
+
+def encode_result(result: Any) -> str | None:
+    """The result as the JSON text jsonb will accept, or ResultError naming why not."""
+    if result is None:
+        return None
+    return _jsonb_text(result, "result", ResultError)
+
+
+def payload_depth(value: Any, limit: int = MAX_PAYLOAD_DEPTH) -> int:
+    """How deeply lists and dicts nest in `value` (a scalar is 0), without recursion;
+    stops once past `limit`, so a cyclic structure ends too."""
+    deepest, stack = 0, [(value, 1)]
+    seen: dict[int, int] = {}  # container id -> the deepest level it was walked at
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list | tuple) or seen.get(id(item), 0) >= depth:
+            continue
+        seen[id(item)] = depth
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict)
+                                                      else item))
+    return deepest
+
+
+def check_payload(payload: Any) -> None:
+    """PayloadError if jsonb can't store `payload` or a worker couldn't decode it; for
+    producers that want a refusal before anything is sent (`jobvisor enqueue`)."""
+    if payload_depth(payload) > MAX_PAYLOAD_DEPTH:
+        raise PayloadError(f"payload nesting deeper than {MAX_PAYLOAD_DEPTH} levels")
+    _jsonb_text(payload, "payload", PayloadError)
 
 
 # Cancel wins: a job whose cancel was requested ends cancelled rather than running again.
