@@ -226,6 +226,7 @@ class PlanType:
     memory_per_job: int
     gpu_memory_per_job: int
     priority: int
+    cpus_per_process: float = 0.0
 
 
 def _gib(n: int) -> float:

@@ -199,6 +199,9 @@ class TypeConfig(_Model):
     memory_per_job: Bytes = Field(parse_bytes("256MiB"), ge=0)
     memory_limit: Bytes | None = Field(None, gt=0)
     gpu_memory_per_job: Bytes = Field(0, ge=0)
+    # CPUs one process keeps busy (a renderer holding the GIL: 1). 0: it mostly waits
+    # (HTTP, a model, the database) and needs no share of the CPU budget.
+    cpus_per_process: float = Field(0.0, ge=0, le=MAX_PROCESSES)
     priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
     timeout: JobSeconds = Field(300.0, gt=0)
     lease: Seconds | None = Field(None, gt=0)

@@ -15,6 +15,9 @@ The rule (also in docs/planning.md):
    children) — measured memory counts when a type uses more than it declared.
    GPU: ``gpu_memory_per_job`` × ``concurrency``; 0 means the type doesn't touch the GPU
    budget.
+   CPU: ``cpus_per_process`` (0, the default, for types that mostly wait); the CPU budget
+   is the CPUs this supervisor may use (cgroup quota and affinity, see capacity.py), so
+   CPU-bound types together never get more processes than the machine has CPUs.
 4. Every type first gets its ``min`` (charged to the budgets even when they don't cover
    it; that type's reason is then "min (over budget)"). With no GPU at all, a GPU type
    gets only its ``min``.
@@ -46,6 +49,7 @@ log = logging.getLogger("jobvisor.planner")
 MAX_REACHED = "max reached"
 LIMITED_BY_RAM = "limited by RAM"
 LIMITED_BY_GPU = "limited by GPU memory"
+LIMITED_BY_CPU = "limited by CPUs"
 NO_GPU = "no GPU (min only)"
 MIN_OVER_BUDGET = "min (over budget)"
 
@@ -62,6 +66,7 @@ class PlanType(Protocol):
     concurrency: int
     memory_per_job: int
     gpu_memory_per_job: int
+    cpus_per_process: float
     priority: int
 
 
@@ -130,6 +135,7 @@ def plan_targets(
     current = current or {}
     b = budget(types, readings, running, reserve_memory, reserve_gpu_memory, held_gpu)
     ram_left, gpu_left = b.ram, b.gpu
+    cpu_left = float(readings.cpu_count)
     order = sorted(types, key=lambda name: (-types[name].priority, name))
     needs = {n: (ram_need(types[n], running.get(n, ())), gpu_need(types[n])) for n in order}
 
@@ -139,10 +145,12 @@ def plan_targets(
         t, (ram, gpu) = types[name], needs[name]
         counts[name] = t.processes.min
         ram_left -= t.processes.min * ram
+        cpu_left -= t.processes.min * t.cpus_per_process
         if gpu:
             gpu_left -= t.processes.min * gpu
         gpu_short = gpu and b.has_gpu and gpu_left < 0  # no GPU at all is NO_GPU, below
-        if t.processes.min and (ram_left < 0 or gpu_short):
+        if t.processes.min and (ram_left < 0 or gpu_short
+                                or (t.cpus_per_process and cpu_left < 0)):
             over_budget.add(name)
 
     plan: dict[str, PlanEntry] = {}
@@ -161,9 +169,13 @@ def plan_targets(
             if gpu and gpu * factor > gpu_left:
                 reason = LIMITED_BY_GPU
                 break
+            if t.cpus_per_process and t.cpus_per_process > cpu_left + 1e-9:
+                reason = LIMITED_BY_CPU
+                break
             counts[name] += 1
             ram_left -= ram
             gpu_left -= gpu
+            cpu_left -= t.cpus_per_process
         if name in over_budget and counts[name] == t.processes.min:
             reason = MIN_OVER_BUDGET
         plan[name] = PlanEntry(counts[name], reason)

@@ -32,6 +32,7 @@ def kind(
     mem: int = 100 * MiB,
     gpu: int = 0,
     concurrency: int = 1,
+    cpus: float = 0.0,
 ) -> TypeConfig:
     return TypeConfig(
         processes={"min": min, "max": max},
@@ -39,14 +40,15 @@ def kind(
         memory_per_job=mem,
         gpu_memory_per_job=gpu,
         concurrency=concurrency,
+        cpus_per_process=cpus,
     )
 
 
-def machine(ram: int, gpus: list[int] | None = None) -> Readings:
+def machine(ram: int, gpus: list[int] | None = None, cpus: int = 8) -> Readings:
     return Readings(
         memory_available=ram,
         memory_total=64 * GiB,
-        cpu_count=8,
+        cpu_count=cpus,
         gpus=[GpuReading(i, "test", "override", free, free) for i, free in enumerate(gpus or [])],
     )
 
@@ -56,6 +58,25 @@ def counts(plan: dict[str, PlanEntry]) -> dict[str, int]:
 
 
 # --- the budget rule -----------------------------------------------------------------------
+
+
+def test_cpu_bound_types_never_get_more_processes_than_the_machine_has_cpus():
+    # Seen: pdf=4 on 2 CPUs. A type declaring cpus_per_process shares the CPU budget; a
+    # type that mostly waits (0) does not touch it.
+    types = {"pdf": kind(min=1, max=4, priority=20, cpus=1), "vision": kind(max=4, priority=10),
+             "thumb": kind(max=4, priority=5, cpus=0.5)}
+    plan = plan_targets(types, machine(64 * GiB, cpus=2))
+    assert counts(plan) == {"pdf": 2, "vision": 4, "thumb": 0}
+    assert plan["pdf"].reason == "limited by CPUs" and plan["thumb"].reason == "limited by CPUs"
+    assert counts(plan_targets(types, machine(64 * GiB, cpus=8))) == \
+        {"pdf": 4, "vision": 4, "thumb": 4}
+    # A min beyond the CPUs still runs, said so.
+    over = plan_targets({"pdf": kind(min=3, max=4, cpus=1)}, machine(64 * GiB, cpus=2))
+    assert counts(over) == {"pdf": 3} and over["pdf"].reason == "min (over budget)"
+
+
+def test_the_shipped_pdf_type_is_cpu_bound():
+    assert load_config(SHIPPED).types["pdf"].cpus_per_process == 1
 
 
 def test_every_type_reaches_max_when_everything_fits() -> None:
