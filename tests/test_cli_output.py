@@ -178,3 +178,16 @@ def test_text_lines_never_carry_exception_text(monkeypatch):
         logging.getLogger().setLevel(level)
     (line,) = stream.getvalue().splitlines()
     assert "exc_type=ValueError" in line and "tellnoone" not in line
+
+
+def test_a_long_enqueue_file_shows_its_count_on_a_terminal_and_nothing_on_a_pipe(
+        db, worker_env, tmp_path):
+    lines = tmp_path / "many.jsonl"
+    lines.write_text("".join(f'{{"n": {i}}}\n' for i in range(12_001)))
+    code, shown = run_on_a_terminal(worker_env, "enqueue", "noop", "--file", str(lines))
+    assert code == 0
+    assert "10000 jobs enqueued" in shown and "12001 jobs enqueued, committing" in shown
+    piped = jv(worker_env, "enqueue", "noop", "--file", str(lines))
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert len(piped.stdout.split()) == 12_001
+    assert q.status_counts(db)["noop"]["queued"] == 24_002

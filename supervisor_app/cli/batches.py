@@ -105,28 +105,24 @@ def render_bar(fraction: float, width: int = 30) -> str:
 
 
 class ProgressBar:
-    """One bar redrawn in place on a terminal; on a pipe or log file, a line at every
-    tenth and at the end, so logs stay short."""
+    """One bar redrawn in place where a person watches (a terminal); on a pipe or a log
+    file nothing at all: a script reads the outcome, not the waiting."""
 
     def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.width = width
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._last_len = 0
-        self._last_step = -1
         self._last_line = ""
 
     def update(self, fraction: float, label: str = "") -> None:
+        if not self.tty:
+            return
         line = f"{render_bar(fraction, self.width)} {label}".rstrip()
-        if self.tty:
-            self.stream.write("\r" + line.ljust(self._last_len))
-            self._last_len = len(line)
-        else:
-            step = int(min(1.0, max(0.0, fraction)) * 10)
-            if step == self._last_step or line == self._last_line:
-                return
-            self._last_step = step
-            self.stream.write(line + "\n")
+        if line == self._last_line:
+            return
+        self.stream.write("\r" + line.ljust(self._last_len))
+        self._last_len = len(line)
         self._last_line = line
         self.stream.flush()
 

@@ -132,19 +132,42 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
                 except ValueError as exc:
                     raise BadInput(f"--batch: {exc}") from None
             chunk: list[queue.NewJob] = []
+            counter = _Counter(args.file is not None)
             for payload in payloads:
                 chunk.append(new(payload))
                 if len(chunk) >= ENQUEUE_CHUNK:
                     ids.extend(queue.enqueue_many(conn, chunk))
                     chunk = []
+                    counter.show(len(ids))
             if chunk:
                 ids.extend(queue.enqueue_many(conn, chunk))
+            counter.done(len(ids))
         unserved = not _served(conn, args.job_type)
     _print_ids(ids)
     if unserved:
         print(f"jobvisor: warning: no configured type and no running supervisor serves "
               f"{args.job_type!r}; the job(s) stay queued until one does", file=sys.stderr)
     return EXIT_OK
+
+
+class _Counter:
+    """`12000 jobs enqueued…` redrawn on stderr while a long --file is read, where a
+    person watches (a terminal); nothing on a pipe."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.on = wanted and sys.stderr.isatty()
+        self.shown = False
+
+    def show(self, n: int) -> None:
+        if self.on:
+            sys.stderr.write(f"\r{n} jobs enqueued (not committed yet)…")
+            sys.stderr.flush()
+            self.shown = True
+
+    def done(self, n: int) -> None:
+        if self.shown:
+            sys.stderr.write(f"\r{n} jobs enqueued, committing…{' ' * 8}\n")
+            sys.stderr.flush()
 
 
 def _served(conn: psycopg.Connection, job_type: str) -> bool:

@@ -92,7 +92,8 @@ def _wait(conn: psycopg.Connection, job_id: int, timeout: float) -> dict[str, An
             reported_attempt = failed_attempts
             _say(f"backup job {job_id}: attempt {failed_attempts} of "
                  f"{row['max_attempts']} failed ({_error(row)}), retrying")
-        note = row["progress_note"] if status == "leased" else None
+        # Progress is for a person watching; on a pipe, stderr keeps to the failures above.
+        note = row["progress_note"] if status == "leased" and sys.stderr.isatty() else None
         if note and note != last_note:
             _say(f"backup job {job_id}: {note}")
             last_note = note
