@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from workers.core import embedded, logs
+from workers.core import embedded, logs, plugins
 from workers.core.dsn import ROLE_VARIABLES, dsn_for
 from workers.core.registry import HandlerError, load
 from workers.core.runtime import Runtime, WorkerSettings
@@ -91,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--options and --attempts-by-type must be JSON objects: {exc}")
     try:
         handler = load(args.job_type, args.handler)
+        plugins.job_settings(args.job_type)  # a broken plug-in fails here, named, not per job
     except HandlerError as exc:
         return _fail(f"{exc.code}: {exc}")
+    except plugins.PluginError as exc:
+        return _fail(f"PLUGIN_INVALID: {exc}")
     dsn = dsn_for("worker")
     if not dsn:
         # The CLI's rule (supervisor_app.database): the embedded server stands in only

@@ -59,7 +59,11 @@ def _database() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except plugins.PluginError as exc:  # an installed plug-in can't load: name it
+        print(f"jobvisor: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     args = parser.parse_args(argv)
     try:
         logs.configure(log_level(args))
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         return args.func(args)
-    except BadInput as exc:
+    except (BadInput, plugins.PluginError) as exc:
         print(f"jobvisor: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except database.DatabaseUnavailable as exc:

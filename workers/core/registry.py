@@ -46,8 +46,11 @@ def entry_point_spec(job_type: str) -> str | None:
 
 def handler_spec(job_type: str, configured: str | None = None) -> str:
     """The `module:function` serving a type, or HandlerError UNKNOWN_JOB_TYPE."""
-    spec = (configured or entry_point_spec(job_type) or plugins.handler_spec(job_type)
-            or BUILTINS.get(job_type))
+    try:
+        declared = None if configured else plugins.handler_spec(job_type)
+    except plugins.PluginError as exc:  # a broken plug-in: named, like a broken handler
+        raise HandlerError("PLUGIN_INVALID", str(exc)) from exc
+    spec = configured or entry_point_spec(job_type) or declared or BUILTINS.get(job_type)
     if not spec:
         raise HandlerError(
             "UNKNOWN_JOB_TYPE",
