@@ -3,14 +3,13 @@ rule is workers.core.dsn's; this adds the embedded server when no variable is se
 
 from __future__ import annotations
 
-import os
 import re
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from supervisor_app import embedded
-from workers.core.dsn import ROLE_VARIABLES, Role, dsn_for
+from workers.core.dsn import Role, dsn_for, unset_role
 
 
 class DatabaseUnavailable(Exception):
@@ -18,21 +17,13 @@ class DatabaseUnavailable(Exception):
 
 
 def resolve_dsn(role: Role = "owner", *, keep_embedded_running: bool = False) -> str:
-    """The DSN `role` uses (workers.core.dsn.dsn_for), else the embedded server.
-
-    The embedded server stands in only when no database variable is set at all: with
-    LEARNING_DATABASE_URL set and DATABASE_URL not, the owner would otherwise migrate a
-    different database than the workers use. That is refused, naming both.
-    """
+    """The DSN `role` uses (workers.core.dsn.dsn_for), else the embedded server, unless
+    another role's variable is set (workers.core.dsn.unset_role): refused, naming both."""
     dsn = dsn_for(role)
     if dsn:
         return dsn
-    named = sorted({v for vs in ROLE_VARIABLES.values() for v in vs if os.environ.get(v, "").strip()})
-    if named:
-        wanted = " or ".join(ROLE_VARIABLES[role])
-        raise DatabaseUnavailable(
-            f"{', '.join(named)} set but not {wanted}: the {role} role connects with "
-            f"{wanted} (README, \"Database roles\")")
+    if refused := unset_role(role):
+        raise DatabaseUnavailable(refused)
     return embedded.start(keep_running=keep_embedded_running)
 
 

@@ -46,19 +46,20 @@ def lock_pid_file(pf: Path) -> int:
     return fd
 
 
-def _locked(pf: Path) -> bool:
-    """Whether a live supervisor holds the pid file's lock."""
+def lock_holder(pf: Path) -> str | None:
+    """The pid (as the file says it) of a live supervisor holding the pid file's lock;
+    None when none does (no file, or one left over from a supervisor that is gone)."""
     try:
         fd = os.open(pf, os.O_RDONLY)
     except FileNotFoundError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
+        return os.read(fd, 64).decode(errors="replace").strip() or "?"
     finally:
         os.close(fd)
-    return False
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,7 +124,7 @@ def _supervise(cfg: Config, path: Path, only: set[str] | None, server: Server,
 
 def reload(args: argparse.Namespace) -> int:
     pf = pid_file()
-    if pf.exists() and not _locked(pf):
+    if pf.exists() and lock_holder(pf) is None:
         raise Failed(f"no running supervisor: {pf} is left from one that is gone")
     try:
         pid = send_reload(pf)

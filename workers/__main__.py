@@ -17,7 +17,7 @@ import signal
 import sys
 
 from workers.core import embedded, logs, plugins
-from workers.core.dsn import ROLE_VARIABLES, dsn_for
+from workers.core.dsn import dsn_for, unset_role
 from workers.core.registry import HandlerError, load
 from workers.core.runtime import Runtime, WorkerSettings
 
@@ -98,13 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"PLUGIN_INVALID: {exc}")
     dsn = dsn_for("worker")
     if not dsn:
-        # The CLI's rule (supervisor_app.database): the embedded server stands in only
-        # when no database variable is set, never for a role whose variable is missing.
-        named = sorted({v for vs in ROLE_VARIABLES.values() for v in vs
-                        if os.environ.get(v, "").strip()})
-        if named:
-            return _fail(f"{', '.join(named)} set but not LEARNING_DATABASE_URL or "
-                         "DATABASE_URL: the worker role connects with those")
+        # The CLI's rule: the embedded server stands in only when no database variable
+        # is set, never for a role whose variable is missing.
+        if refused := unset_role("worker"):
+            return _fail(refused)
         try:
             dsn = embedded.start()
         except embedded.EmbeddedUnavailable as exc:

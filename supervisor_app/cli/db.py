@@ -8,7 +8,6 @@ embedded one). Lifetime rules: workers.core.embedded and the README.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from supervisor_app import database, embedded
 from workers.core.commands import EXIT_FAILED, EXIT_OK, BadInput, CommandKit, Failed
-from workers.core.dsn import PG_VARIABLE_FOR, ROLE_VARIABLES
+from workers.core.dsn import PG_VARIABLE_FOR, variables_set
 
 # libpq reads these instead of a conninfo string: psql gets the DSN here, never in argv
 # (/proc/<pid>/cmdline is world-readable; a process's environment is not).
@@ -87,7 +86,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("lifetime: " + ("kept running until `jobvisor db stop`" if st.kept_running
                               else "stops when the last process holding it exits"))
         print("held by pid: " + (", ".join(map(str, st.holders)) or "none"))
-    if named := _variables_set():
+    if named := variables_set():
         print(f"note: {', '.join(named)} set: jobvisor commands here use that database, "
               "not this one")
     return EXIT_OK if st.running else EXIT_FAILED
@@ -139,20 +138,11 @@ def libpq_env(dsn: str, environ: Any) -> dict[str, str]:
 
 def supervisor_pid() -> tuple[str, Path] | None:
     """(pid, pid file) of a live `jobvisor run` here: the one holding its pid file's lock."""
-    from supervisor_app.main import pid_file
+    from supervisor_app.main import lock_holder, pid_file
 
     pf = pid_file()
-    try:
-        fd = os.open(pf, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.read(fd, 64).decode(errors="replace").strip() or "?", pf
-    finally:
-        os.close(fd)
-    return None  # left over from one that is gone
+    pid = lock_holder(pf)
+    return (pid, pf) if pid is not None else None
 
 
 def _named(pids: list[int]) -> str:
@@ -163,8 +153,3 @@ def _named(pids: list[int]) -> str:
             return str(pid)
 
     return ", ".join(one(p) for p in pids)
-
-
-def _variables_set() -> list[str]:
-    return sorted({v for vs in ROLE_VARIABLES.values() for v in vs
-                   if os.environ.get(v, "").strip()})

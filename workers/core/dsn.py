@@ -44,6 +44,27 @@ def dsn_for(role: Role, environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
+def variables_set(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The database variables of any role that are set (non-blank), sorted."""
+    env = os.environ if environ is None else environ
+    return sorted({v for vs in ROLE_VARIABLES.values() for v in vs if (env.get(v) or "").strip()})
+
+
+def unset_role(role: Role, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why `role` may not fall back to the embedded server, or None when it may.
+
+    The embedded server stands in only when no database variable is set at all: with
+    LEARNING_DATABASE_URL set and DATABASE_URL not, the owner would otherwise migrate a
+    different database than the workers use.
+    """
+    named = variables_set(environ)
+    if dsn_for(role, environ) or not named:
+        return None
+    wanted = " or ".join(ROLE_VARIABLES[role])
+    return (f"{', '.join(named)} set but not {wanted}: the {role} role connects with "
+            f"{wanted} (README, \"Database roles\")")
+
+
 def describe(dsn: str) -> str:
     """`host:port/dbname` for messages: never the password or the user."""
     try:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
@@ -179,11 +179,6 @@ def dispatch_outcomes(conn: Any, events: Sequence[JobEvent]) -> None:
         by_plugin.setdefault(plugin.name, []).append(event)
     for name, batch in by_plugin.items():
         hooks[name](conn, batch)
-
-
-def wants_outcomes(job_types: Iterable[str]) -> bool:
-    """Whether any of these types has an outcomes hook (callers skip the work if not)."""
-    return any((p := for_type(t)) is not None and p.outcomes for t in job_types)
 
 
 def probes() -> dict[str, tuple[Plugin, str]]:

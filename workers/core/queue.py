@@ -125,12 +125,6 @@ def _atomic(conn: psycopg.Connection) -> Iterator[None]:
         yield
 
 
-def _outcomes(conn: psycopg.Connection, events: list[JobEvent]) -> None:
-    """Tell the plug-ins whose types these are (workers.core.plugins.dispatch_outcomes)."""
-    if events and plugins.wants_outcomes({e.job_type for e in events}):
-        plugins.dispatch_outcomes(conn, events)
-
-
 def enqueue_many(conn: psycopg.Connection, jobs: Sequence[NewJob]) -> list[int]:
     """Insert jobs in one round trip; returns ids in input order.
 
@@ -534,7 +528,7 @@ def retry(
              "delay": float(delay)},
         ).fetchone()
         if row:
-            _outcomes(conn, [JobEvent(job_id, row[1], "leased", row[0], row[2])])
+            plugins.dispatch_outcomes(conn, [JobEvent(job_id, row[1], "leased", row[0], row[2])])
     return row[0] if row else None
 
 
@@ -557,7 +551,7 @@ def fail(
              "status": status},
         ).fetchone()
         if row:
-            _outcomes(conn, [JobEvent(job_id, row[1], "leased", row[0], row[2])])
+            plugins.dispatch_outcomes(conn, [JobEvent(job_id, row[1], "leased", row[0], row[2])])
     return row is not None
 
 
@@ -597,7 +591,7 @@ def put_back(conn: psycopg.Connection, leases: Sequence[tuple[int, uuid.UUID]], 
             _PUT_BACK, {"ids": [i for i, _ in leases], "keys": [k for _, k in leases],
                         "suspect": suspect}
         ).fetchall()
-        _outcomes(conn, [JobEvent(r[0], r[1], "leased", r[2], r[3]) for r in rows])
+        plugins.dispatch_outcomes(conn, [JobEvent(r[0], r[1], "leased", r[2], r[3]) for r in rows])
     return {r[0] for r in rows}
 
 
@@ -686,7 +680,7 @@ def rescue(conn: psycopg.Connection, *, leased_by: str | None = None,
         rows = conn.execute(
             _RESCUE, {"code": "lease_expired", "message": "lease expired before the job finished"}
         ).fetchall()
-        _outcomes(conn, [JobEvent(r[0], r[1], "leased", r[2], r[3]) for r in rows])
+        plugins.dispatch_outcomes(conn, [JobEvent(r[0], r[1], "leased", r[2], r[3]) for r in rows])
     return [(r[0], r[1], r[2]) for r in rows]
 
 
@@ -706,7 +700,7 @@ def rescue_worker(conn: psycopg.Connection, leased_by: str, *, code: str = WORKE
         rows = conn.execute(
             _RESCUE_WORKER, {"by": leased_by, "code": code, "message": _clip(message)}
         ).fetchall()
-        _outcomes(conn, [JobEvent(r[0], r[1], "leased", r[2], r[4]) for r in rows])
+        plugins.dispatch_outcomes(conn, [JobEvent(r[0], r[1], "leased", r[2], r[4]) for r in rows])
     return [(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
 
@@ -737,7 +731,7 @@ def cancel(conn: psycopg.Connection, job_id: int) -> str | None:
     with _atomic(conn):
         row = conn.execute(_CANCEL, {"id": job_id}).fetchone()
         if row is not None and row[0] == "cancelled":
-            _outcomes(conn, [JobEvent(job_id, row[2], "queued", "cancelled", row[3])])
+            plugins.dispatch_outcomes(conn, [JobEvent(job_id, row[2], "queued", "cancelled", row[3])])
     if row is None:
         return None
     return "cancelled" if row[0] == "cancelled" else "cancel_requested"
@@ -768,7 +762,7 @@ def retry_failed(conn: psycopg.Connection, job_id: int) -> bool:
         with _atomic(conn):
             row = conn.execute(_RETRY_FAILED, {"id": job_id}).fetchone()
             if row is not None:
-                _outcomes(conn, [JobEvent(job_id, row[2], row[3], "queued", None)])
+                plugins.dispatch_outcomes(conn, [JobEvent(job_id, row[2], row[3], "queued", None)])
         return row is not None
     except psycopg.errors.UniqueViolation:
         # Its idempotency key is held by a newer live job: running it twice is wrong.
