@@ -11,7 +11,6 @@ import threading
 import psutil
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from tests.supervisor_harness import REPO, Supervisor, base_config, free_port
 
@@ -144,12 +143,9 @@ def test_a_second_supervisor_in_the_same_home_exits_2_naming_the_running_pid(sup
     assert reload.returncode == 0, reload.stderr
 
 
-def test_a_taken_port_exits_2_naming_host_and_port_before_migrating(pg_server_dsn, worker_env,
+def test_a_taken_port_exits_2_naming_host_and_port_before_migrating(empty_dsn, worker_env,
                                                                     tmp_path):
-    name = f"jobvisor_port_{free_port()}"
-    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = make_conninfo(pg_server_dsn, dbname=name)
+    dsn = empty_dsn
     blocker = socket.create_server(("127.0.0.1", 0))
     try:
         port = blocker.getsockname()[1]
@@ -164,8 +160,6 @@ def test_a_taken_port_exits_2_naming_host_and_port_before_migrating(pg_server_ds
         assert schema is None  # nothing was migrated
     finally:
         blocker.close()
-        with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_the_shipped_config_listens_on_loopback_and_the_container_on_every_address():

@@ -13,7 +13,6 @@ import uuid
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from supervisor_app.migrate import migrate, sql_dir
 from workers.core import queue as q
@@ -291,50 +290,43 @@ def test_periodic_queries_read_no_finished_job_they_do_not_change(db):
                       "WHERE statement LIKE '%%DELETE FROM jobvisor.jobs%%'").fetchone() == (0,)
 
 
-def test_migration_counts_the_finished_jobs_already_there(pg_server_dsn, tmp_path):
+def test_migration_counts_the_finished_jobs_already_there(empty_dsn, tmp_path):
     before = tmp_path / "sql"
     before.mkdir()
     for path in sorted(sql_dir().glob("*.sql")):
         if int(path.name[:3]) < 7:
             shutil.copy(path, before / path.name)
-    name = f"jobvisor_c_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        dsn = make_conninfo(pg_server_dsn, dbname=name)
-        assert migrate(dsn, before)[-1] == "006_runtime_edges"
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("""
-                INSERT INTO jobvisor.jobs (job_type, status, finished_at)
-                SELECT (ARRAY['alpha', 'beta', 'gamma'])[1 + i % 3],
-                       (ARRAY['completed', 'failed', 'cancelled', 'completed'])[1 + i % 4],
-                       now()
-                FROM generate_series(1, 1000) i""")
-            conn.execute("INSERT INTO jobvisor.jobs (job_type) SELECT 'alpha' "
-                         "FROM generate_series(1, 7)")
-            conn.execute("""UPDATE jobvisor.jobs SET status = 'leased', lease_key =
-                            gen_random_uuid(), leased_until = now() + interval '1 min'
-                            WHERE id IN (SELECT id FROM jobvisor.jobs WHERE status = 'queued'
-                                         LIMIT 2)""")
-        shutil.copy(sql_dir() / "007_job_counts.sql", before / "007_job_counts.sql")
-        assert migrate(dsn, before) == ["007_job_counts"]
-        assert migrate(dsn, before) == []
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            counts = assert_counts_exact(conn)
-            assert sum(c[s] for c in counts.values() for s in q.FINISHED) == 1000
-            assert counts["alpha"]["queued"] == 5 and counts["alpha"]["leased"] == 2
-            # ...and the queue goes on counting from there
-            (job,) = q.lease(conn, "alpha", 1, worker_id="w", lease_seconds=30)
-            assert q.complete(conn, job.id, job.lease_key, None)
-            assert assert_counts_exact(conn)["alpha"]["completed"] == counts["alpha"][
-                "completed"] + 1
-            privileges = conn.execute(
-                "SELECT has_table_privilege('jobvisor_worker', 'jobvisor.job_counts', p) "
-                "FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) p").fetchall()
-            assert [p for (p,) in privileges] == [True, True, True, False]
-    finally:
-        with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    dsn = empty_dsn
+    assert migrate(dsn, before)[-1] == "006_runtime_edges"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("""
+            INSERT INTO jobvisor.jobs (job_type, status, finished_at)
+            SELECT (ARRAY['alpha', 'beta', 'gamma'])[1 + i % 3],
+                   (ARRAY['completed', 'failed', 'cancelled', 'completed'])[1 + i % 4],
+                   now()
+            FROM generate_series(1, 1000) i""")
+        conn.execute("INSERT INTO jobvisor.jobs (job_type) SELECT 'alpha' "
+                     "FROM generate_series(1, 7)")
+        conn.execute("""UPDATE jobvisor.jobs SET status = 'leased', lease_key =
+                        gen_random_uuid(), leased_until = now() + interval '1 min'
+                        WHERE id IN (SELECT id FROM jobvisor.jobs WHERE status = 'queued'
+                                     LIMIT 2)""")
+    shutil.copy(sql_dir() / "007_job_counts.sql", before / "007_job_counts.sql")
+    assert migrate(dsn, before) == ["007_job_counts"]
+    assert migrate(dsn, before) == []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        counts = assert_counts_exact(conn)
+        assert sum(c[s] for c in counts.values() for s in q.FINISHED) == 1000
+        assert counts["alpha"]["queued"] == 5 and counts["alpha"]["leased"] == 2
+        # ...and the queue goes on counting from there
+        (job,) = q.lease(conn, "alpha", 1, worker_id="w", lease_seconds=30)
+        assert q.complete(conn, job.id, job.lease_key, None)
+        assert assert_counts_exact(conn)["alpha"]["completed"] == counts["alpha"][
+            "completed"] + 1
+        privileges = conn.execute(
+            "SELECT has_table_privilege('jobvisor_worker', 'jobvisor.job_counts', p) "
+            "FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) p").fetchall()
+        assert [p for (p,) in privileges] == [True, True, True, False]
 
 
 def test_recount_repairs_counts_that_drifted(db):

@@ -270,40 +270,29 @@ def test_notify_is_sent_on_enqueue_on_the_type_channel_only(db_dsn, db):
     assert got == [q.jobs_channel("noop")]  # one per statement, none for the other type
 
 
-def test_migrations_are_idempotent_and_race_free(pg_server_dsn):
-    import uuid
+def test_migrations_are_idempotent_and_race_free(empty_dsn):
+    dsn = empty_dsn
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
 
-    from psycopg.conninfo import make_conninfo
+    def run() -> None:
+        try:
+            results.append(migrate(dsn))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
 
-    name = f"jobvisor_m_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        dsn = make_conninfo(pg_server_dsn, dbname=name)
-        results: list[list[str]] = []
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                results.append(migrate(dsn))
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors
-        applied = [r for r in results if r]
-        assert len(applied) == 1 and applied[0][0] == "001_queue"
-        assert migrate(dsn) == []
-        with psycopg.connect(dsn) as conn:
-            (n,) = conn.execute("SELECT count(*) FROM jobvisor.schema_migrations").fetchone()
-        assert n == len(applied[0])
-    finally:
-        with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    applied = [r for r in results if r]
+    assert len(applied) == 1 and applied[0][0] == "001_queue"
+    assert migrate(dsn) == []
+    with psycopg.connect(dsn) as conn:
+        (n,) = conn.execute("SELECT count(*) FROM jobvisor.schema_migrations").fetchone()
+    assert n == len(applied[0])
 
 
 @pytest.mark.parametrize("bad", ["", "Bad-Type", "1abc"])
