@@ -125,3 +125,16 @@ def whoami(job: Job, ctx: JobContext) -> dict:
         except psycopg.errors.InsufficientPrivilege:
             visible = None
     return {"user": user, "visible": visible}
+
+
+def progress_note(job: Job, ctx: JobContext) -> dict:
+    """Report progress with the payload's `note` (default: text with a NUL, which
+    PostgreSQL refuses), wait until the runtime's loop has taken it to store, then return.
+    The wait is bounded; `taken` says whether the loop took it."""
+    payload = job.payload if isinstance(job.payload, dict) else {}
+    ctx.progress(0.5, payload.get("note", "a\u0000b"))
+    deadline = time.monotonic() + 60
+    # The loop takes a note (clearing the mark) and stores it in one step of its own.
+    while ctx._progress_dirty and time.monotonic() < deadline:
+        ctx.sleep(0.02)
+    return {"taken": not ctx._progress_dirty}

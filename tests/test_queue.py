@@ -195,6 +195,29 @@ def test_cancel_wins_over_retry_rescue_and_put_back(db):
     assert q.lease(db, "noop", 3, worker_id="w", lease_seconds=30) == []
 
 
+def test_cancel_wins_over_the_rescue_of_a_dead_worker(db):
+    # One worker died holding one job (charged: out of attempts it would fail), another
+    # holding two (suspects, put back uncounted): a requested cancel wins over both.
+    alone = q.enqueue(db, q.NewJob("noop", {}, max_attempts=1))
+    q.lease(db, "noop", 1, worker_id="host:1:a", lease_seconds=300)
+    together = [q.enqueue(db, q.NewJob("noop", {})) for _ in range(2)]
+    q.lease(db, "noop", 2, worker_id="host:2:b", lease_seconds=300)
+    for i in (alone, together[0]):
+        assert q.cancel(db, i) == "cancel_requested"
+    assert q.rescue_worker(db, "host:1:a") == [(alone, "noop", "cancelled", True)]
+    assert sorted(q.rescue_worker(db, "host:2:b")) == [(together[0], "noop", "cancelled", False),
+                                                        (together[1], "noop", "queued", False)]
+    for i in (alone, together[0]):
+        row = q.get_job(db, i)
+        assert row["status"] == "cancelled" and row["error_code"] == "cancelled"
+        assert row["finished_at"] is not None and row["leased_until"] is None
+    assert counts(db) == {"cancelled": 2, "queued": 1}
+    assert q.status_counts(db)["noop"]["cancelled"] == 2  # the finished counts agree
+    # Only the innocent job runs again.
+    assert [j.id for j in q.lease(db, "noop", 3, worker_id="w", lease_seconds=30,
+                                  alone=True)] == [together[1]]
+
+
 def test_each_attempt_error_is_kept_and_the_history_is_bounded(db):
     job_id = q.enqueue(db, q.NewJob("noop", {}, max_attempts=q.MAX_ERRORS + 3))
     for n in range(1, q.MAX_ERRORS + 3):

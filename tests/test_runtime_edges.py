@@ -73,6 +73,31 @@ def test_a_result_jsonb_cannot_hold_fails_that_job_alone_and_its_batch_commits(d
         assert stop(w) == 0
 
 
+def test_a_psycopg_error_other_than_operational_in_a_loop_duty_costs_no_job_nor_the_worker(
+        db, worker_env, tmp_path):
+    # The loop stores progress notes on its control connection; a note with a NUL is
+    # refused (DataError, not OperationalError) while the job is held.
+    log = tmp_path / "w.log"
+    bad = q.enqueue(db, q.NewJob("prog", {}))
+    w = start_worker(worker_env, "prog", "--handler", "tests.handlers:progress_note",
+                     "--poll", "0.2", log=log)
+    try:
+        wait_for(lambda: _job(db, bad)["status"] == "completed", what="job completed")
+        row = _job(db, bad)
+        assert row["result"] == {"taken": True}  # the loop did try to store the note
+        assert row["attempts"] == 1 and row["progress_note"] is None
+        wait_for(lambda: _events(log, "worker_loop_error"), what="the loop error logged")
+        assert w.poll() is None  # the worker lives on…
+        later = q.enqueue(db, q.NewJob("prog", {"note": "half way"}))
+        wait_for(lambda: _job(db, later)["status"] == "completed", what="later job served")
+        assert _job(db, later)["progress_note"] == "half way"  # …and still stores progress
+        assert w.poll() is None
+    finally:
+        assert stop(w) == 0
+    (event,) = _events(log, "worker_loop_error")
+    assert event["exc_type"] == "DataError"
+
+
 def _runtime(dsn: str, job_type: str, handler: str, **settings) -> Runtime:
     return Runtime(dsn, WorkerSettings(job_type=job_type, **settings),
                    load(job_type, handler))
@@ -287,6 +312,41 @@ def test_jobs_finishing_during_an_outage_are_acked_or_put_back_once_the_server_a
         proxy.restore()
         assert stop(w) == 0
         proxy.close()
+
+
+def test_a_pooled_connection_the_server_dropped_is_replaced_before_a_job_gets_it(
+        db, worker_env, tmp_path):
+    db.execute(EFFECTS_DDL)
+    log = tmp_path / "w.log"
+    first = q.enqueue(db, q.NewJob("rec", {}))
+    w = start_worker(worker_env, "rec", "--handler", "tests.handlers:record",
+                     "--concurrency", "1", "--poll", "0.2", log=log)
+    try:
+        wait_for(lambda: _job(db, first)["status"] == "completed", what="first completed")
+        # The job wrote through a pooled connection, now back in the pool, idle.
+        (pooled,) = db.execute("SELECT pid FROM effects WHERE job_id = %s", (first,)).fetchone()
+        others = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                  " AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+        worker_pids = [pid for (pid,) in db.execute(others).fetchall()]
+        assert pooled in worker_pids
+        # The server drops every connection the worker has (as a restart would).
+        db.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS t(pid)",
+                   (worker_pids,))
+        wait_for(lambda: not db.execute(others + " AND pid = ANY(%s)",
+                                        (worker_pids,)).fetchall(),
+                 what="the worker's backends gone")
+        second = q.enqueue(db, q.NewJob("rec", {}))
+        wait_for(lambda: _job(db, second)["status"] == "completed", what="second completed")
+        row = _job(db, second)
+        assert row["attempts"] == 1 and row["error_code"] is None and not row["errors"]
+        ((pid,),) = db.execute("SELECT pid FROM effects WHERE job_id = %s", (second,)).fetchall()
+        assert pid not in worker_pids  # written through a fresh connection
+        assert w.poll() is None
+    finally:
+        assert stop(w) == 0
+    # The handler never got the dead connection: nothing failed under it, nothing went back.
+    assert [(e["reason"], e.get("job_id")) for e in _events(log, "jobs_put_back")] == []
+    assert [e["exc_type"] for e in _events(log, "job_bookkeeping_failed")] == []
 
 
 def test_a_suspect_gets_its_turn_under_a_steady_backlog(db, worker_env, tmp_path):

@@ -1,14 +1,15 @@
 """No database transaction stays open while a handler waits on slow work.
 
 A handler reads in `ctx.read()` (a short READ ONLY transaction, handed back at once),
-calls the model with no transaction open, and only then opens `ctx.db`, the transaction
-that writes the outcome and completes the job. So the worker's connections are never
-`idle in transaction` during a model call, and the times the job and the submission
-record (`finished_at`, `extracted_at`) come after the model call, not before it.
+calls the model (or renders the pages) with no transaction open, and only then opens
+`ctx.db`, the transaction that writes the outcome and completes the job. So the worker's
+connections are never `idle in transaction` during a model call or a render, and the
+times the job and the submission record (`finished_at`, `extracted_at`) come after the
+slow work, not before it.
 
 The pipeline tests run a real worker process under the least-privilege worker role (its
 backends are told apart by that role) against a fake Ollama whose every request takes
-`LATENCY` seconds.
+`LATENCY` seconds; the pdf stage's render is held up by the test (tests.handlers_pdf).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tests.test_pipeline import (
     VISION,
     add_submission,
     enqueue_feedback,
+    enqueue_pdf,
     enqueue_vision,
     make_pdf,
     submission,
@@ -118,11 +120,37 @@ def _job(db: psycopg.Connection, job_id: int) -> dict[str, Any]:
 # --- a real worker, a slow model -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", ["vision", "feedback"])
-def test_no_worker_connection_is_idle_in_transaction_during_the_model_call(
+def _states_during_render(db: psycopg.Connection, gate: Path, role: str
+                          ) -> tuple[list[tuple[int, str | None, Any]], Any, Any]:
+    """The worker's backends, sampled while its render waits at the gate
+    (tests.handlers_pdf), then the gate opened; with the database clock's time when the
+    render was seen waiting and when it was let go."""
+    wait_for(lambda: (gate / "rendering").exists(), what="a render under way")
+    (held_from,) = db.execute("SELECT clock_timestamp()").fetchone()
+    seen: list[tuple[int, str | None, Any]] = []
+    for _ in range(10):
+        seen += _backends(db, role)
+        time.sleep(0.1)
+    (released,) = db.execute("SELECT clock_timestamp()").fetchone()
+    (gate / "go").touch()
+    return seen, held_from, released
+
+
+@pytest.mark.parametrize("stage", ["pdf", "vision", "feedback"])
+def test_no_worker_connection_is_idle_in_transaction_during_the_slow_work(
         db, env, storage, fake, worker_role, tmp_path, stage):
+    """The slow work: the pdf stage's render (held up by the test), the vision and
+    feedback stages' model call (the fake's latency)."""
     role = worker_role[0]
-    if stage == "vision":
+    args: tuple[str, ...] = FAST
+    if stage == "pdf":
+        sid = add_submission(db, storage, make_pdf("Ein Aufsatz über den langsamen Fluss."))
+        job_id = enqueue_pdf(db, sid)
+        gate = tmp_path / "gate"
+        gate.mkdir()
+        env = env | {"JOBVISOR_TEST_RENDER_GATE": str(gate)}
+        args = ("--handler", "tests.handlers_pdf:gated", *FAST)
+    elif stage == "vision":
         data = make_pdf("Ein Aufsatz über den langsamen Fluss.")
         sid = add_submission(db, storage, data)
         job_id = enqueue_vision(db, storage, sid, data)
@@ -130,18 +158,26 @@ def test_no_worker_connection_is_idle_in_transaction_during_the_model_call(
         sid = add_submission(db, storage, make_pdf("egal"), status="extracted",
                              text="Ein Aufsatz über den langsamen Fluss.")
         job_id = enqueue_feedback(db, sid)
-    proc = start_worker(env, stage, *FAST, log=tmp_path / f"{stage}.log")
+    proc = start_worker(env, stage, *args, log=tmp_path / f"{stage}.log")
     try:
-        seen = _states_during_model_call(db, fake, role)
+        if stage == "pdf":
+            seen, held_from, released = _states_during_render(db, gate, role)
+        else:
+            seen = _states_during_model_call(db, fake, role)
         job = _job(db, job_id)
     finally:
         assert stop(proc) == 0
-    assert seen, "the worker had no connection open during the model call"
+    assert seen, "the worker had no connection open during the slow work"
     held = sorted({(pid, str(xact_start)) for pid, state, xact_start in seen
                    if (state or "").startswith("idle in transaction")})
-    assert held == [], f"worker backends idle in transaction during the model call: {held}"
+    assert held == [], f"worker backends idle in transaction during the slow work: {held}"
 
-    # Everything the job wrote was written after the model answered.
+    # Everything the job wrote was written after the slow work ended.
+    if stage == "pdf":
+        assert job["started_at"] <= held_from and job["finished_at"] >= released
+        follow = q.get_job(db, job["result"]["vision_job"])
+        assert follow["job_type"] == "vision" and follow["created_at"] >= released
+        return
     row = submission(db, sid)
     latency = timedelta(seconds=LATENCY)
     assert job["finished_at"] - job["started_at"] >= latency
