@@ -158,6 +158,7 @@ class WorkerGroup:
     prefetch: int = 0
     handler: str | None = None
     poll: float = 2.0
+    keep_completed: bool = True
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     started_at: float = 0.0
     _started: int = 0
@@ -174,6 +175,8 @@ class WorkerGroup:
                "--poll", f"{self.poll:g}"]
         if self.handler:
             cmd += ["--handler", self.handler]
+        if not self.keep_completed:
+            cmd.append("--no-keep-completed")
         return cmd
 
     def _env(self) -> dict[str, str]:

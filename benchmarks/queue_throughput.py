@@ -35,6 +35,7 @@ import psycopg  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402
     BenchDatabase,
+    BenchFailed,
     WorkerGroup,
     bench_database,
     emit,
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=positive_int, default=8, help="threads per process")
     p.add_argument("--prefetch", type=non_negative_int, default=200,
                    help="jobs leased ahead of free threads, per process")
+    p.add_argument("--keep-completed", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep completed jobs for retention (the default) or delete them as "
+                        "they complete (a type with keep_completed: false)")
     p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
                    help="also time N jobs handed to the already running, idle workers")
     p.add_argument("--timeout", type=float, default=300.0,
@@ -85,6 +89,43 @@ def _span(conn: psycopg.Connection, ids: tuple[int, int]) -> tuple[datetime, dat
     return first_lease, first_done, last_done
 
 
+POLL_S = 0.005  # how often a phase without kept rows looks at what is left
+
+
+def _deleted_span(conn: psycopg.Connection, group: WorkerGroup, ids: tuple[int, int], n: int,
+                  timeout: float) -> tuple[datetime, datetime, datetime]:
+    """With `--no-keep-completed` the completed rows are gone, and so are their times: poll
+    (every POLL_S) what is left of the phase's jobs, on the database's clock. The first poll
+    that finds one leased (or gone) stands for the first lease and the first that finds
+    none left for the last completion, each late by up to one poll (the peers harness
+    times graphile-worker and PgQueuer the same way). A failed job would stay: none may."""
+    first_lease = first_done = None
+    deadline = time.monotonic() + timeout
+    while True:
+        group.check_alive()
+        queued, left, now = conn.execute(
+            "SELECT count(*) FILTER (WHERE status = 'queued'), count(*), clock_timestamp()"
+            " FROM jobvisor.jobs WHERE id BETWEEN %s AND %s", ids).fetchone()
+        if first_lease is None and queued < n:
+            first_lease = now
+        if first_done is None and left < n:
+            first_done = now
+        if left == 0:
+            return first_lease or now, first_done or now, now
+        if time.monotonic() > deadline:
+            raise BenchFailed(f"{left} of {n} jobs not done after {timeout:g}s")
+        time.sleep(POLL_S)
+
+
+def _done_span(conn: psycopg.Connection, group: WorkerGroup, ids: tuple[int, int], n: int,
+               args: argparse.Namespace) -> tuple[datetime, datetime, datetime]:
+    """(first lease, first completion, last completion) of one phase's jobs."""
+    if not args.keep_completed:
+        return _deleted_span(conn, group, ids, n, args.timeout)
+    wait_done(conn, group, ids, n, args.timeout)
+    return _span(conn, ids)
+
+
 def run(args: argparse.Namespace) -> None:
     with bench_database() as db, psycopg.connect(db.dsn, autocommit=True) as conn:
         figures = _measure(args, db, conn)
@@ -96,7 +137,8 @@ def _measure(args: argparse.Namespace, db: BenchDatabase,
     load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews timings
     job_type = db.job_type("noop")
     group = WorkerGroup(db, job_type, args.processes, args.concurrency, args.prefetch,
-                        handler=None if db.scratch else "workers.core.builtin:noop")
+                        handler=None if db.scratch else "workers.core.builtin:noop",
+                        keep_completed=args.keep_completed)
     progress(f"cold: enqueueing {args.n} {job_type} jobs in chunks of {CHUNK}")
     t = time.perf_counter()
     cold, _ = _enqueue(conn, job_type, args.n)
@@ -106,8 +148,7 @@ def _measure(args: argparse.Namespace, db: BenchDatabase,
     spawned = conn.execute("SELECT clock_timestamp()").fetchone()[0]
     with running(group):
         startup_s = group.wait_started(timeout=60)
-        wait_done(conn, group, cold, args.n, args.timeout)
-        first_lease, first_done, last_done = _span(conn, cold)
+        first_lease, first_done, last_done = _done_span(conn, group, cold, args.n, args)
         incl = (last_done - spawned).total_seconds()
         excl = (last_done - first_lease).total_seconds()
         progress(f"cold: all {group.processes} workers logged worker_started "
@@ -119,6 +160,7 @@ def _measure(args: argparse.Namespace, db: BenchDatabase,
         figures: dict[str, object] = {
             "jobs_per_s": round(args.n / excl), "n": args.n, "processes": args.processes,
             "concurrency": args.concurrency, "prefetch": args.prefetch,
+            "keep_completed": args.keep_completed,
             "enqueue_s": r3(enqueue_s), "enqueue_jobs_per_s": round(args.n / enqueue_s),
             "process_s": r3(excl), "process_s_incl_startup": r3(incl),
             "jobs_per_s_incl_startup": round(args.n / incl),
@@ -132,8 +174,8 @@ def _measure(args: argparse.Namespace, db: BenchDatabase,
             t = time.perf_counter()
             warm_ids, visible = _enqueue(conn, job_type, args.n)
             warm_enqueue_s = time.perf_counter() - t
-            wait_done(conn, group, warm_ids, args.n, args.timeout)
-            _first_lease, _first_done, last_done = _span(conn, warm_ids)
+            _first_lease, _first_done, last_done = _done_span(conn, group, warm_ids, args.n,
+                                                              args)
             warm = (last_done - visible).total_seconds()
             progress(f"warm: enqueued in {warm_enqueue_s:.3f}s, {args.n} done "
                      f"{warm:.3f}s after commit ({args.n / warm:,.0f}/s)")

@@ -101,6 +101,8 @@ def worker_command(cfg: Config, job_type: str) -> list[str]:
         cmd += ["--global-concurrency", str(t.global_concurrency)]
     if not cfg.queue.listen:
         cmd.append("--no-listen")
+    if not t.keep_completed:
+        cmd.append("--no-keep-completed")
     return cmd
 
 

@@ -207,6 +207,9 @@ class TypeConfig(_Model):
     lease: Seconds | None = Field(None, gt=0)
     retry: RetryConfig = RetryConfig()
     global_concurrency: int | None = Field(None, ge=1, le=MAX_GLOBAL_CONCURRENCY)
+    # false: a completed job is deleted as it completes (no result kept, not counted),
+    # unless it belongs to a batch, has a callback or a sticky key (README, "History").
+    keep_completed: bool = True
     schedule: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backoff", type=float, default=5.0, help="first retry delay (s)")
     p.add_argument("--max-backoff", type=float, default=600.0, help="retry delay cap (s)")
     p.add_argument("--global-concurrency", type=int, help="cap on leased jobs on all hosts")
+    p.add_argument("--no-keep-completed", action="store_true",
+                   help="delete completed jobs as they complete (keep no history)")
     p.add_argument("--options", default="{}", help="JSON object of handler options")
     p.add_argument("--worker-id", help="lease owner id (default host:pid)")
     return p
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout, grace=args.grace, max_attempts=args.max_attempts,
         backoff=args.backoff, max_backoff=args.max_backoff,
         global_concurrency=args.global_concurrency, options=options,
+        keep_completed=not args.no_keep_completed,
         attempts_by_type={str(k): int(v) for k, v in attempts.items()},
     )
     if args.worker_id:

@@ -17,7 +17,9 @@ reconnecting, so it keeps reporting to its supervisor through an outage.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import logging
 import os
 import queue as stdqueue
@@ -53,6 +55,9 @@ CONNECT_TIMEOUT = 3  # seconds one reconnect try may block the loop
 GETCONN_TIMEOUT = 5.0  # a thread waiting for a pooled connection hands its write over
 ACK_BATCH = 100  # acknowledgements sent together at most this many…
 ACK_WAIT = 0.002  # …or once the oldest has waited this long (seconds)
+# Progress and timeouts look at every held job: at most this often (seconds), not on each
+# of the loop's rounds, which under load come once per finished job.
+SWEEP_INTERVAL = 0.1
 LONG_TRANSACTION = 5.0  # a handler held its completing transaction open this long: warn
 LOOP_ERRORS_MAX = 20  # consecutive unexpected loop failures before the child gives up
 
@@ -106,6 +111,8 @@ class WorkerSettings:
     backoff: float = 5.0
     max_backoff: float = 600.0
     global_concurrency: int | None = None
+    # False: completed jobs are deleted as they complete (no history; see queue.complete_many).
+    keep_completed: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     # Follow-up jobs get their own type's max attempts (pdf → vision → feedback).
     attempts_by_type: dict[str, int] = field(default_factory=dict)
@@ -233,6 +240,7 @@ class Runtime:
         next_poll = 0.0
         next_heartbeat = time.monotonic() + s.heartbeat
         next_status = 0.0
+        next_sweep = 0.0
         want_more = True
         drain_deadline: float | None = None
         errors = 0
@@ -253,8 +261,11 @@ class Runtime:
                     if now >= next_heartbeat:
                         self._heartbeat(now)
                         next_heartbeat = now + s.heartbeat
-                    self._flush_progress(now)
-                self._enforce_timeouts(now)
+                    if now >= next_sweep:
+                        self._flush_progress(now)
+                if now >= next_sweep:
+                    self._enforce_timeouts(now)
+                    next_sweep = now + SWEEP_INTERVAL
                 if self.stopping:
                     if drain_deadline is None:
                         grace = s.grace if self.stop_reason != "orphaned" \
@@ -429,7 +440,8 @@ class Runtime:
         acks, self.acks = self.acks, []
         try:
             done = queue.complete_many(
-                self.db, [(r.id, r.leased.lease_key, text) for r, text in acks], encoded=True)
+                self.db, [(r.id, r.leased.lease_key, text) for r, text in acks], encoded=True,
+                keep=self.s.keep_completed)
         except psycopg.OperationalError:
             self.acks[:0] = acks  # kept for the next connection; their leases still hold
             raise
@@ -445,7 +457,8 @@ class Runtime:
     def _ack_one_by_one(self, acks: list[tuple[_Running, str | None]]) -> None:
         for i, (r, text) in enumerate(acks):
             try:
-                ok = queue.complete(self.db, r.id, r.leased.lease_key, text, encoded=True)
+                ok = queue.complete(self.db, r.id, r.leased.lease_key, text, encoded=True,
+                                    keep=self.s.keep_completed)
             except psycopg.OperationalError:
                 self.acks[:0] = acks[i:]
                 raise
@@ -723,7 +736,8 @@ class Runtime:
         conn = ctx.release_connection()
         assert conn is not None
         try:
-            ok = queue.complete(conn, lj.id, lj.lease_key, text, encoded=True)
+            ok = queue.complete(conn, lj.id, lj.lease_key, text, encoded=True,
+                                keep=self.s.keep_completed)
             if ok:
                 conn.commit()
             else:
@@ -851,9 +865,15 @@ class Runtime:
             row = self.tally[(outcome, code)] = [0.0] * (2 + len(DURATION_BUCKETS))
         row[0] += 1
         row[1] += duration
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if duration <= bound:
-                row[2 + i] += 1
+        # Counted in the first bucket that holds it; made cumulative when reported.
+        i = bisect.bisect_left(DURATION_BUCKETS, duration)
+        if i < len(DURATION_BUCKETS):
+            row[2 + i] += 1
+
+    @staticmethod
+    def _cumulative(row: list[float]) -> list[float]:
+        """[count, seconds, per-bucket counts...] with each bucket counting all below it."""
+        return row[:2] + list(itertools.accumulate(row[2:]))
 
     def _report_status(self) -> None:
         """Tell the supervisor we are alive, and what finished since the last report."""
@@ -866,5 +886,5 @@ class Runtime:
             "held": len(self.held),
             "draining": self.stopping,
             "db_ok": self.control is not None,
-            "outcomes": [[o, c, *row] for (o, c), row in tally.items()],
+            "outcomes": [[o, c, *self._cumulative(row)] for (o, c), row in tally.items()],
         })
