@@ -236,9 +236,10 @@ def settle_exit(slot: Slot, held: int, now: float, policy: RestartConfig) -> Non
     A crash while holding jobs is the jobs' fault — crash isolation in the queue charges
     the one that did it — so the slot restarts after the base backoff and the crash does
     not count as a quick failure. A crash holding nothing counts: consecutive quick
-    failures back off exponentially up to `max_backoff`; past `max_quick_failures` the
-    slot is "fatal" (health degraded) but still retries by itself, the delay doubling up
-    to FATAL_MAX_BACKOFF. A run longer than `healthy_after` starts the count afresh.
+    failures back off exponentially (backoff·2^(n−1)) up to `max_backoff`; from
+    `max_quick_failures` on the slot is "fatal" (health degraded) but still retries by
+    itself after min(FATAL_MAX_BACKOFF, max(max_backoff, backoff·2^(n−1))). A run longer
+    than `healthy_after` starts the count afresh.
     """
     if slot.pending_exit is None:
         return
@@ -252,7 +253,11 @@ def settle_exit(slot: Slot, held: int, now: float, policy: RestartConfig) -> Non
                                          "ran_s": round(ran, 3), "jobs_held": held})
         return
     slot.quick_failures = 0 if ran >= policy.healthy_after else slot.quick_failures + 1
-    delay = policy.backoff * 2 ** max(0, slot.quick_failures - 1)
+    # The exponent stops at 1000: every delay before FATAL is exact (max_quick_failures
+    # <= 1000); past it, 2**1000 times even a 1 ms backoff is far over the cap and times
+    # a 1 d one still a finite float. Uncapped, a slot failing for days overflowed at
+    # its ~1,025th try (OverflowError in the loop).
+    delay = policy.backoff * 2.0 ** min(max(0, slot.quick_failures - 1), 1000)
     if slot.quick_failures >= policy.max_quick_failures:
         delay = min(FATAL_MAX_BACKOFF, max(policy.max_backoff, delay))
         slot.state = "fatal"

@@ -39,6 +39,9 @@ THREADS = 8  # requests answered at once; more wait, fully read, for a free thre
 CONNECTIONS = 1000
 BACKLOG = 1024
 IDLE_TIMEOUT = 10  # seconds a connection may sit idle or half-sent before it is closed
+# How often waitress looks for connections past IDLE_TIMEOUT (its default, 30 s, let a
+# half-sent request live up to 40 s): one is closed within IDLE_TIMEOUT + this + 1 s.
+CLEANUP_INTERVAL = 2
 
 StartResponse = Callable[..., Any]
 
@@ -157,7 +160,8 @@ class Server:
         # Binds now: OSError (port taken, address not available) before anything else.
         self.server = create_server(
             self.app, host=host, port=port, threads=THREADS, connection_limit=CONNECTIONS,
-            backlog=BACKLOG, channel_timeout=IDLE_TIMEOUT, asyncore_use_poll=True, max_request_body_size=MAX_BODY,
+            backlog=BACKLOG, channel_timeout=IDLE_TIMEOUT, cleanup_interval=CLEANUP_INTERVAL,
+            asyncore_use_poll=True, max_request_body_size=MAX_BODY,
             max_request_header_size=MAX_BODY, expose_tracebacks=False, ident="jobvisor",
             clear_untrusted_proxy_headers=True)
         self.thread: threading.Thread | None = None

@@ -3,15 +3,20 @@ Real `jobvisor run`, raw sockets."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import psutil
 import psycopg
 import pytest
 
+from supervisor_app import http
+from tests.helpers import wait_for
 from tests.supervisor_harness import REPO, Supervisor, base_config, free_port
 
 SMALL = {"memory_per_job": "1MiB"}
@@ -26,7 +31,12 @@ def sup(db, worker_env, tmp_path):
 
 
 def _raw(port: int, data: bytes, *, read: bool = True, timeout: float = 10) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
+    return _raw_to("127.0.0.1", port, data, read=read, timeout=timeout)
+
+
+def _raw_to(host: str, port: int, data: bytes, *, read: bool = True,
+            timeout: float = 10) -> bytes:
+    with socket.create_connection((host, port), timeout=timeout) as c:
         c.sendall(data)
         if not read:
             return b""
@@ -46,12 +56,82 @@ def _status(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
 
 
-@pytest.mark.parametrize("length", [b"-1", b"abc", b"1e3", b"99999999999999999999999"])
-def test_a_bad_content_length_is_refused_with_400_before_any_body_is_read(sup, length):
+@pytest.mark.parametrize(("length", "expected"), [
+    (b"-1", 400), (b"abc", 400), (b"1e3", 400), (b" 12x", 400),
+    (b"99999999999999999999999", 413),  # a number, just too large: 413
+])
+def test_a_bad_content_length_is_refused_with_400_before_any_body_is_read(sup, length,
+                                                                         expected):
+    # No body follows the headers: the answer comes before the server read any.
     resp = _raw(sup.port, b"POST /ui/api/jobs/1/cancel HTTP/1.1\r\nHost: x\r\n"
                           b"Content-Length: " + length + b"\r\nConnection: close\r\n\r\n")
-    assert _status(resp) in (400, 413)
+    assert _status(resp) == expected, resp[:200]
     assert "Traceback" not in sup.log()
+
+
+def _listening(port: int) -> list[list[str]]:
+    """`ss` rows (state, Recv-Q, Send-Q, local, peer) of the sockets listening on `port`;
+    for a listening socket Send-Q is its backlog (the kernel's, after somaxconn)."""
+    if shutil.which("ss") is None:
+        pytest.skip("`ss` (iproute2) is not installed: the listen backlog can't be read")
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    return [line.split() for line in out.splitlines() if line.strip()]
+
+
+def test_the_port_listens_with_a_backlog_of_at_least_128(sup):
+    (row,) = _listening(sup.port)
+    state, _recv_q, send_q, local, _peer = row[:5]
+    assert state == "LISTEN" and local == f"127.0.0.1:{sup.port}"
+    assert int(send_q) >= 128  # the issue's floor (it was 5)
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert int(send_q) == min(http.BACKLOG, somaxconn)  # what we ask, as far as allowed
+
+
+@pytest.mark.parametrize("half", [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n",  # headers never finished
+    b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789",  # body
+])
+def test_a_half_sent_request_is_closed_by_the_server_after_the_read_timeout(sup, half):
+    slack = 5.0
+    bound = http.IDLE_TIMEOUT + http.CLEANUP_INTERVAL + slack
+    with socket.create_connection(("127.0.0.1", sup.port), timeout=10) as c:
+        c.sendall(half)
+        sent = time.monotonic()
+        c.settimeout(bound)
+        try:
+            data = c.recv(65536)  # b"": the server closed the connection
+        except ConnectionResetError:
+            data = b""
+        except TimeoutError:
+            pytest.fail(f"the half-sent request was still open after {bound:g}s")
+        took = time.monotonic() - sent
+    assert data == b""
+    # Closed by the idle timeout, not refused at once.
+    assert http.IDLE_TIMEOUT - 1 <= took <= bound
+
+
+def test_jobvisor_http_host_0000_binds_every_address(db, worker_env, tmp_path):
+    env = dict(worker_env, JOBVISOR_HTTP_HOST="0.0.0.0")
+    # The file says loopback; the variable (the Dockerfile's and compose's) wins.
+    s = Supervisor(tmp_path, env, base_config(free_port(), {
+        "noop": {**SMALL, "processes": {"min": 1, "max": 1}}})).start()
+    try:
+        listening = {(c.laddr.ip, c.laddr.port) for c in
+                     psutil.Process(s.proc.pid).net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN}
+        assert listening == {("0.0.0.0", s.port)}
+        assert [r[3] for r in _listening(s.port)] == [f"0.0.0.0:{s.port}"]
+        wait_for(lambda: (s.get("/healthz") or (0,))[0] == 200, what="/healthz 200")
+        # Reachable on an address other than loopback, where the machine has one.
+        other = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                 if a.family == socket.AF_INET and not a.address.startswith("127.")]
+        if other:
+            resp = _raw_to(other[0], s.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                                               b"Connection: close\r\n\r\n")
+            assert _status(resp) == 200
+    finally:
+        assert s.stop() == 0
 
 
 def test_a_body_over_the_limit_is_refused_while_reading_and_never_held(sup):
