@@ -3,6 +3,7 @@ latency), interleaved rounds on one PostgreSQL server.
 
     python -m benchmarks.peers.run [--rounds 3] [--n 20000] [--latency 200]
                                    [--systems jobvisor,graphile_batched,graphile_unbatched,pgqueuer]
+                                   [--account] [--own-cluster [--pg-setting KEY=VALUE ...]]
 
 Sets the peers up itself when they are missing, outside jobvisor's venv and package:
 graphile-worker 0.17 from the npm registry into benchmarks/peers/node_modules (runs on
@@ -33,6 +34,42 @@ this machine's wall clock (the server must be on this machine).
 
 Progress goes to stderr; stdout gets one JSON line per run, then one with the medians
 (min–max) and the ratios jobvisor / graphile_batched and jobvisor / pgqueuer.
+
+--account: where the time goes (benchmarks/_accounting.py). Each run of each system is
+an accounting window over its throughput phases (cold + warm: 2 × N jobs; the latency
+phase is left out), and the run's JSON line gets per job `client_cpu_us_per_job`,
+`server_cpu_us_per_job`, `wal_bytes_per_job`, `wal_records_per_job`,
+`statements_per_job`, `exec_us_per_job` and `statement_wal_bytes_per_job` (the
+summary gets their medians), with the totals and the most frequent statements under
+"account".
+
+* jobvisor: the window is the queue_throughput subprocess, start to exit (its scratch
+  database's creation, migration and drop included). Client CPU is its worker
+  processes': the children times of the benchmark process when it logs "workers
+  stopped" (by then it has waited for every worker); `client_cpu_incl_benchmark_s` is
+  getrusage(RUSAGE_CHILDREN) around the whole subprocess, which adds the benchmark
+  process itself (interpreter start, enqueueing in Python, its polls).
+* a peer: the window runs from before its scratch database is made to the end of the
+  warm phase plus STATS_SETTLE_S of idleness (so the sessions still connected have
+  published their WAL counts), then again from after the latency phase (and as long an
+  idle wait) to just after the database is dropped; client CPU is the worker processes'
+  and their children's (psutil), read at the end of the warm phase.
+
+Server CPU (the postmaster's process tree) and WAL (pg_stat_wal) are cluster-wide, so
+nothing else should run on the server meanwhile; the rounds are sequential. Statements
+(pg_stat_statements, top-level, in the run's own databases) leave out the harness's
+polls and clock reads and the schema setup; where pg_stat_statements is not preloaded
+they are null and the notes say so. Per job, statements ≈ round trips. Both windows hold
+one CREATE DATABASE, which on PostgreSQL 15 logs its template (~4 MB of WAL: ~100 bytes
+a job at N = 20,000) for every system alike; `statement_wal_bytes_per_job`, the WAL of
+the system's own statements, is without it.
+
+--own-cluster: initdb a throwaway PostgreSQL (binaries in --pg-bindir, default the
+Debian PostgreSQL 15 ones; as root, initdb and pg_ctl run as user `postgres` through
+runuser, else su) in a temporary directory, on a free port of 127.0.0.1 with
+shared_preload_libraries=pg_stat_statements and track_commit_timestamp=on (plus any
+--pg-setting), run everything against it instead of DATABASE_URL, and stop and remove
+it at the end, also on failure, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -40,6 +77,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import resource
 import secrets
 import signal
 import statistics
@@ -52,16 +91,32 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+if __package__ in (None, ""):  # run as `python benchmarks/peers/run.py`
+    sys.path.insert(0, str(REPO))
+
+import psutil  # noqa: E402
+import psycopg  # noqa: E402
+from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
+
+from benchmarks._accounting import (  # noqa: E402
+    ACCOUNT_KEYS,
+    EXIT_SETTLE_S,
+    HARNESS_MARK,
+    PG_BINDIR,
+    STATS_SETTLE_S,
+    Accountant,
+    Window,
+    process_tree_cpu,
+    throwaway_cluster,
+)
+
 PGQ_VENV = HERE / ".venv-pgqueuer"
 PGQ_PY = PGQ_VENV / "bin" / "python"
 GW_PKG = HERE / "node_modules" / "graphile-worker" / "package.json"
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-ALL_SYSTEMS = ("jobvisor", "graphile_batched", "graphile_unbatched", "pgqueuer")
+ALL_SYSTEMS = ("jobvisor", "jobvisor_nohistory", "graphile_batched", "graphile_unbatched", "pgqueuer")
 
 
 class Failed(Exception):
@@ -176,7 +231,7 @@ class Peer:
                              "SELECT ROW('noop', '{}'::json, NULL, NULL, NULL, NULL, NULL,"
                              " NULL)::graphile_worker.job_spec FROM generate_series(1, %s)))",
                              (n,))
-            return conn.execute("SELECT clock_timestamp()").fetchone()[0]
+            return conn.execute(f"{HARNESS_MARK} SELECT clock_timestamp()").fetchone()[0]
 
     def enqueue_one(self, conn: psycopg.Connection, i: int) -> None:
         if self.system == "pgqueuer":
@@ -189,7 +244,8 @@ class Peer:
 
     def drained(self, conn: psycopg.Connection) -> Any | None:
         empty, now = conn.execute(
-            f"SELECT NOT EXISTS (SELECT 1 FROM {self.table}), clock_timestamp()").fetchone()
+            f"{HARNESS_MARK} SELECT NOT EXISTS (SELECT 1 FROM {self.table}),"
+            " clock_timestamp()").fetchone()
         return now if empty else None
 
 
@@ -237,6 +293,12 @@ class Procs:
                 raise Failed("peer workers did not report ready")
             time.sleep(0.01)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU so far of the worker processes and their children (live or
+        reaped)."""
+        self.check_alive()  # an exited worker's CPU could no longer be read
+        return process_tree_cpu(p.pid for p in self.procs)
+
     def stop(self, timeout: float = 30.0) -> list[int | None]:
         for p in self.procs:
             if p.poll() is None:
@@ -268,17 +330,24 @@ def wait_drained(peer: Peer, conn: psycopg.Connection, procs: Procs, timeout: fl
         time.sleep(poll_s)
 
 
-def run_peer(system: str, args: argparse.Namespace, base: str) -> dict[str, Any]:
+def run_peer(system: str, args: argparse.Namespace, base: str,
+             acct: Accountant | None = None) -> dict[str, Any]:
     peer = Peer(system, args)
     n = args.n
     load = round(os.getloadavg()[0], 2)
+    window = acct.window() if acct else None
+    client_cpu: float | None = None
+    if window:
+        window.start()  # before the scratch database exists
     with scratch_db(base, system) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        if window:
+            window.include_database(conninfo_to_dict(dsn)["dbname"])
         peer.install(dsn)
         t = time.perf_counter()
         peer.enqueue_bulk(conn, n)
         enqueue_s = time.perf_counter() - t
-        spawned = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8"
-                               ).fetchone()[0]
+        spawned = conn.execute(f"{HARNESS_MARK} SELECT extract(epoch FROM"
+                               " clock_timestamp())::float8").fetchone()[0]
         procs = Procs(peer._cmd("work"), peer.env(dsn), args.processes)
         latency: dict[int, float] = {}
         try:
@@ -292,6 +361,10 @@ def run_peer(system: str, args: argparse.Namespace, base: str) -> dict[str, Any]
             warm_s = (warm_end - visible).total_seconds()
             progress(f"{system}: warm {n} done {warm_s:.3f}s after commit "
                      f"({n / warm_s:,.0f}/s)")
+            if window:  # the throughput phases are over: close the first interval
+                time.sleep(STATS_SETTLE_S)  # idle sessions publish their WAL counts
+                client_cpu = procs.cpu_seconds()
+                window.stop()
             if args.latency:
                 time.sleep(0.5)
                 interval = args.interval_ms / 1000
@@ -302,9 +375,16 @@ def run_peer(system: str, args: argparse.Namespace, base: str) -> dict[str, Any]
                     peer.enqueue_one(conn, i)
                     latency[i] = before
                 wait_drained(peer, conn, procs, args.timeout, args.poll_ms / 1000)
+                if window:
+                    time.sleep(STATS_SETTLE_S)  # the latency phase's counts: not ours
+            if window:
+                window.start()  # the second interval: stopping the workers, the drop
         finally:
             codes = procs.stop()
             progress(f"{system}: workers stopped, exit codes {codes}")
+    if window:
+        time.sleep(EXIT_SETTLE_S)
+        window.stop()
     stats = procs.stats
     if len(stats) != args.processes:
         raise Failed(f"{system}: {len(stats)} of {args.processes} workers reported stats")
@@ -336,6 +416,9 @@ def run_peer(system: str, args: argparse.Namespace, base: str) -> dict[str, Any]
         fig |= {"local_queue_size": args.gw_local_queue, "complete_job_batch_delay": 0}
     if system == "pgqueuer":
         fig["batch_size"] = args.pgq_batch_size
+    if window:
+        fig |= window.figures(2 * n, client_cpu,
+                              client_scope="the worker processes, at the end of the warm phase")
     return fig
 
 
@@ -346,20 +429,91 @@ def _last_json(out: str, what: str) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def run_jobvisor(args: argparse.Namespace, base: str) -> dict[str, Any]:
+# queue_throughput logs this (benchmarks/_common.running) once it has waited for every
+# worker process: their CPU is then all in its children times.
+WORKERS_STOPPED = "workers stopped"
+# ... and this (benchmarks/_common.bench_database) once it made its scratch database.
+SCRATCH_MADE = re.compile(r"scratch database (jobvisor_bench_\w+) on ")
+
+
+def _run_watched(cmd: list[str], env: dict[str, str],
+                 window: Window) -> tuple[int, str, float | None]:
+    """Run a jobvisor benchmark, its stderr passed on line by line; returns its exit
+    code, its stdout and its children's CPU seconds (user + system) read when it logged
+    WORKERS_STOPPED (None when it never did). The scratch database it names is the
+    window's."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    workers: list[float] = []
+
+    def relay() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if made := SCRATCH_MADE.search(line):
+                try:
+                    window.include_database(made.group(1))
+                except psycopg.Error as exc:  # keep relaying: the child would block
+                    progress(f"accounting: {made.group(1)} not looked up ({exc})")
+            if WORKERS_STOPPED in line and not workers:
+                try:
+                    t = psutil.Process(proc.pid).cpu_times()
+                    workers.append(t.children_user + t.children_system)
+                except psutil.NoSuchProcess:
+                    pass
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    assert proc.stdout is not None
+    try:
+        out = proc.stdout.read()
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted: it stops its workers and drops its database
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    reader.join(timeout=5)
+    return code, out, workers[0] if workers else None
+
+
+def _rusage_children_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_jobvisor(args: argparse.Namespace, base: str,
+                 acct: Accountant | None = None, system: str = "jobvisor") -> dict[str, Any]:
+    """jobvisor as shipped, or (`jobvisor_nohistory`) a type with `keep_completed: false`,
+    which deletes each job as it completes, as both peers do."""
     env = dict(os.environ, DATABASE_URL=base)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     load = round(os.getloadavg()[0], 2)
-    tp = subprocess.run(
-        [sys.executable, "-m", "benchmarks.queue_throughput", "--n", str(args.n),
-         "--processes", str(args.processes), "--concurrency", str(args.concurrency),
-         "--prefetch", str(args.prefetch), "--timeout", str(args.timeout)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    if tp.returncode != 0:
-        raise Failed(f"queue_throughput exited {tp.returncode}")
-    t = _last_json(tp.stdout, "queue_throughput")
+    cmd = [sys.executable, "-m", "benchmarks.queue_throughput", "--n", str(args.n),
+           "--processes", str(args.processes), "--concurrency", str(args.concurrency),
+           "--prefetch", str(args.prefetch), "--timeout", str(args.timeout)]
+    if system == "jobvisor_nohistory":
+        cmd.append("--no-keep-completed")
+    window: Window | None = acct.window() if acct else None
+    if window:
+        window.start()
+        before = _rusage_children_s()
+        code, out, workers_cpu = _run_watched(cmd, env, window)
+        whole = _rusage_children_s() - before
+        time.sleep(EXIT_SETTLE_S)  # its sessions' backends exit and publish their counts
+        window.stop()
+    else:
+        tp = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+        code, out = tp.returncode, tp.stdout
+    if code != 0:
+        raise Failed(f"queue_throughput exited {code}")
+    t = _last_json(out, "queue_throughput")
     fig: dict[str, Any] = {
-        "system": "jobvisor", "jobs_per_s": t["jobs_per_s"], "process_s": t["process_s"],
+        "system": system, "jobs_per_s": t["jobs_per_s"], "process_s": t["process_s"],
         "jobs_per_s_incl_startup": t["jobs_per_s_incl_startup"],
         "process_s_incl_startup": t["process_s_incl_startup"],
         "first_start_after_spawn_s": t["first_lease_after_spawn_s"],
@@ -380,6 +534,16 @@ def run_jobvisor(args: argparse.Namespace, base: str) -> dict[str, Any]:
                 "latency_max_ms": w["max_ms"]}
     fig |= {"n": args.n, "processes": args.processes, "concurrency": args.concurrency,
             "prefetch": args.prefetch, "load_1m_at_start": load}
+    if window:
+        jobs = 2 * args.n if "warm_jobs_per_s" in t else args.n
+        if workers_cpu is not None:
+            client, scope = workers_cpu, "the worker processes (children of queue_throughput)"
+        else:
+            client, scope = whole, "queue_throughput and its worker processes"
+            progress(f"jobvisor: no {WORKERS_STOPPED!r} line seen; client CPU includes "
+                     "the benchmark process")
+        fig |= window.figures(jobs, client, client_scope=scope,
+                              extra={"client_cpu_incl_benchmark_s": round(whole, 3)})
     return fig
 
 
@@ -387,23 +551,25 @@ def run_jobvisor(args: argparse.Namespace, base: str) -> dict[str, Any]:
 
 def summarize(runs: list[dict[str, Any]], systems: list[str]) -> dict[str, Any]:
     keys = ("jobs_per_s", "jobs_per_s_incl_startup", "warm_jobs_per_s",
-            "latency_median_ms", "latency_p95_ms")
+            "latency_median_ms", "latency_p95_ms", *ACCOUNT_KEYS)
     med: dict[str, dict[str, Any]] = {}
     for s in systems:
         mine = [r for r in runs if r["system"] == s]
         med[s] = {}
         for k in keys:
-            vals = [r[k] for r in mine if k in r]
+            vals = [r[k] for r in mine if r.get(k) is not None]
             if vals:
-                med[s][k] = {"median": round(statistics.median(vals), 3), "min": min(vals),
-                             "max": max(vals)}
+                digits = 4 if k in ACCOUNT_KEYS else 3
+                med[s][k] = {"median": round(statistics.median(vals), digits),
+                             "min": min(vals), "max": max(vals)}
     ratios: dict[str, float] = {}
-    for peer in ("graphile_batched", "graphile_unbatched", "pgqueuer"):
-        if "jobvisor" in med and peer in med:
-            for k in ("jobs_per_s", "warm_jobs_per_s"):
-                if k in med["jobvisor"] and k in med[peer]:
-                    ratios[f"jobvisor/{peer}:{k}"] = round(
-                        med["jobvisor"][k]["median"] / med[peer][k]["median"], 3)
+    for mine in ("jobvisor", "jobvisor_nohistory"):
+        for peer in ("graphile_batched", "graphile_unbatched", "pgqueuer"):
+            if mine in med and peer in med:
+                for k in ("jobs_per_s", "warm_jobs_per_s", "latency_median_ms"):
+                    if k in med[mine] and k in med[peer]:
+                        ratios[f"{mine}/{peer}:{k}"] = round(
+                            med[mine][k]["median"] / med[peer][k]["median"], 3)
     return {"summary": med, "ratios": ratios, "rounds": len(runs) // max(1, len(systems))}
 
 
@@ -424,6 +590,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--interval-ms", type=float, default=20.0)
     p.add_argument("--poll-ms", type=float, default=10.0, help="drained poll (peers)")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--account", action="store_true",
+                   help="per job: client and server CPU, WAL, statements (see above)")
+    p.add_argument("--own-cluster", action="store_true",
+                   help="run against a throwaway cluster made for this run (see above)")
+    p.add_argument("--pg-bindir", default=PG_BINDIR,
+                   help="PostgreSQL binaries for --own-cluster")
+    p.add_argument("--pg-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="a server setting for --own-cluster (repeatable)")
     return p
 
 
@@ -434,26 +608,51 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"unknown systems {bad}; choose from {ALL_SYSTEMS}", file=sys.stderr)
         return 2
-    base = os.environ.get("DATABASE_URL") or DEFAULT_DSN
+    settings: dict[str, str] = {}
+    for item in args.pg_setting:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"--pg-setting {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        settings[key.strip()] = value.strip()
+    versions = ensure_peers(systems)  # before any cluster is up: npm and pip take a while
+    try:
+        if args.own_cluster:
+            with throwaway_cluster(args.pg_bindir, settings) as base:
+                return _rounds(args, systems, base, versions)
+        return _rounds(args, systems, os.environ.get("DATABASE_URL") or DEFAULT_DSN,
+                       versions)
+    except (Failed, subprocess.CalledProcessError, RuntimeError, OSError) as exc:
+        print(f"benchmark: {exc}", file=sys.stderr)
+        return 1
+
+
+def _rounds(args: argparse.Namespace, systems: list[str], base: str,
+            versions: dict[str, str]) -> int:
     with psycopg.connect(base, autocommit=True) as conn:
         version = str(conn.execute("SHOW server_version").fetchone()[0])
-    versions = ensure_peers(systems)
     progress(f"PostgreSQL {version}; peers {versions}")
+    acct = Accountant(base) if args.account else None
+    if acct:
+        progress(f"accounting: {acct.describe()}")
     runs: list[dict[str, Any]] = []
     try:
         for r in range(args.rounds):
             order = systems[r % len(systems):] + systems[:r % len(systems)]  # rotate
             for s in order:
                 progress(f"round {r + 1}/{args.rounds}: {s}")
-                fig = run_jobvisor(args, base) if s == "jobvisor" else run_peer(s, args, base)
+                fig = (run_jobvisor(args, base, acct, s) if s.startswith("jobvisor")
+                       else run_peer(s, args, base, acct))
                 fig |= {"round": r + 1, "server_version": version}
                 runs.append(fig)
                 print(json.dumps(fig), flush=True)
-    except (Failed, subprocess.CalledProcessError) as exc:
-        print(f"benchmark: {exc}", file=sys.stderr)
-        return 1
-    out = summarize(runs, systems) | {"versions": versions, "server_version": version,
-                                      "load_1m_at_end": round(os.getloadavg()[0], 2)}
+        out = summarize(runs, systems) | {"versions": versions, "server_version": version,
+                                          "load_1m_at_end": round(os.getloadavg()[0], 2)}
+        if acct:
+            out["account"] = acct.describe()
+    finally:
+        if acct:
+            acct.close()
     print(json.dumps(out), flush=True)
     return 0
 
