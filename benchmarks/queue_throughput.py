@@ -15,7 +15,9 @@ database's own clock (`clock_timestamp()`, `started_at`, `finished_at`):
   more jobs in one committed transaction. `warm_process_s` runs from just before that
   COMMIT to the last `finished_at`: no start-up in it at all.
 
-`jobs_per_s` = n / process_s. Progress goes to stderr; the figures are the last line
+`jobs_per_s` = n / process_s. With `--no-keep-completed` (a type with
+`keep_completed: false`) the completed rows and their times are gone: the phase's ends
+are polled instead (see `_deleted_span`), each late by at most 5 ms. Progress goes to stderr; the figures are the last line
 on stdout, as one JSON object.
 """
 
