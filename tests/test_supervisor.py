@@ -435,32 +435,30 @@ def test_a_fatal_slot_retries_by_itself_and_health_recovers_once_it_runs(db, wor
 
 def test_sighup_gives_a_fatal_slot_a_new_try_at_once_not_after_its_backoff(db, worker_env,
                                                                           tmp_path):
-    import time
-
     marker = tmp_path / "broken"
     marker.write_text("x")
     env = dict(worker_env, CRASHY_MARKER=str(marker))
     cfg = base_config(free_port(), {
         "crashy": {"handler": "tests.crashy:handle", **SMALL, "processes": {"min": 1, "max": 1}}},
-        restart={"backoff": "0.2s", "max_backoff": "60s", "healthy_after": "3s",
+        restart={"backoff": "0.2s", "max_backoff": "300s", "healthy_after": "3s",
                  "max_quick_failures": 4})
     sup = Supervisor(tmp_path, env, cfg).start()
     try:
         (fatal,) = wait_for(lambda: sup.events("child_fatal"), what="slot turning fatal")
-        seen_fatal = time.monotonic()  # the retry is due 60 s after the event, not before
-        assert fatal["retry_in_s"] == 60.0
+        # The pending retry is 300 s away: every wait below together is bounded far under
+        # that, so only the reload can bring the slot back within them.
+        assert fatal["retry_in_s"] == 300.0
         assert sup.get("/healthz")[0] == 503
         started = len(sup.events("child_started"))
-        marker.unlink()  # fixed; without a reload the slot would wait out its 60 s
+        marker.unlink()  # fixed; without a reload the slot would wait out its 300 s
         sup.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: sup.events("reloaded"), timeout=20, what="reload logged")
-        # Well inside the 60 s: a child runs again, serves a job, and health is back.
+        # A child runs again, serves a job, and health is back.
         job_id = q.enqueue(db, q.NewJob("crashy", {}))
         wait_for(lambda: q.get_job(db, job_id)["status"] == "completed", timeout=25,
                  what="the slot serving again after the reload")
         wait_for(lambda: sup.pids(db, "crashy"), timeout=10, what="its child running")
         wait_for(lambda: sup.get("/healthz")[0] == 200, timeout=5, what="/healthz 200")
-        assert time.monotonic() - seen_fatal < 45  # the pending retry can't have done it
         assert len(sup.events("child_started")) == started + 1
         assert len(sup.events("child_fatal")) == 1
     finally:
