@@ -14,6 +14,7 @@ from supervisor_app.config import Config
 from tests.handlers import EFFECTS_DDL
 from tests.helpers import counts, start_worker, stop, wait_for
 from workers.core import queue as q
+from workers.core import webhooks
 
 
 def _finished_counts(db: psycopg.Connection, job_type: str) -> dict[str, int]:
@@ -118,10 +119,16 @@ def test_enqueue_copy_inserts_in_bulk_with_batches_delays_and_wake_ups(db, db_ds
     assert len(q.lease(db, "bulk_t", 1000, worker_id="w", lease_seconds=30)) == 507
 
 
-def test_enqueue_copy_refuses_a_keyed_job_and_inserts_nothing(db):
+def test_enqueue_copy_refuses_a_keyed_job_and_inserts_nothing(db, monkeypatch):
     jobs = [q.NewJob("noop", {}), q.NewJob("noop", {}, key="k1")]
     with pytest.raises(ValueError, match="job 2: enqueue_copy takes no idempotency key"):
         q.enqueue_copy(db, jobs)
+    assert counts(db) == {}
+    # A callback outside the allow-list is refused, naming it, and nothing is kept.
+    monkeypatch.setenv(webhooks.ALLOWED_HOSTS_ENV, "hooks.example")
+    with pytest.raises(webhooks.WebhookURLError, match=r"evil\.example:443 is not in"):
+        q.enqueue_copy(db, [q.NewJob("noop", {}, callback_url="https://hooks.example/a"),
+                            q.NewJob("noop", {}, callback_url="https://evil.example/b")])
     assert counts(db) == {}
     # A payload jsonb can't hold fails the whole COPY; nothing of it is kept.
     with pytest.raises(psycopg.DataError):

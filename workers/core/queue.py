@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -193,6 +193,7 @@ def enqueue_copy(conn: psycopg.Connection, jobs: Iterable[NewJob]) -> int:
     A delay counts from the transaction's start, as `enqueue_many`'s `now()` does.
     """
     count = 0
+    check_callback = _callback_checker()
     with _atomic(conn), conn.cursor() as cur:
         (start,) = cur.execute("SELECT now()").fetchone()
         with cur.copy(_COPY) as copy:
@@ -202,7 +203,7 @@ def enqueue_copy(conn: psycopg.Connection, jobs: Iterable[NewJob]) -> int:
                     raise ValueError(f"job {count + 1}: enqueue_copy takes no idempotency key "
                                      f"(use enqueue_many for keyed jobs)")
                 if j.callback_url is not None:
-                    _check_callbacks([j.callback_url])
+                    check_callback(j.callback_url)
                 visible = start if not j.delay else start + timedelta(seconds=float(j.delay))
                 copy.write_row((j.job_type, Jsonb(j.payload), j.priority, visible,
                                 j.max_attempts, j.batch_id, j.callback_url))
@@ -956,13 +957,24 @@ def _check_batch_id(batch_id: str) -> None:
         raise ValueError(f"batch id must be 1..{MAX_BATCH_ID} printable characters")
 
 
-def _check_callbacks(urls: Iterable[str | None]) -> None:
+def _callback_checker() -> Callable[[str], None]:
+    """A check of callback URLs against the allow-list, read from the environment once,
+    at the first URL (not once per job)."""
     allowed: list[str] | None = None
+
+    def check(url: str) -> None:
+        nonlocal allowed
+        if allowed is None:
+            allowed = webhooks.allowed_hosts()
+        webhooks.check_url(url, allowed)
+    return check
+
+
+def _check_callbacks(urls: Iterable[str | None]) -> None:
+    check = _callback_checker()
     for url in urls:
         if url is not None:
-            if allowed is None:  # read the environment once per call, not once per job
-                allowed = webhooks.allowed_hosts()
-            webhooks.check_url(url, allowed)
+            check(url)
 
 
 def create_batch(conn: psycopg.Connection, batch_id: str, *,
