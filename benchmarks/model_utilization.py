@@ -145,6 +145,7 @@ class FakeServer:
     latency: float
     model_latency: dict[str, float] = field(default_factory=dict)
     nodelay: bool = True
+    port: int = 0  # 0: any free one (a restart passes the one it had)
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
 
@@ -154,7 +155,7 @@ class FakeServer:
         launch = ["-c", "import sys; from tests.fakes import ollama as f; "
                         f"f._Handler.disable_nagle_algorithm = {self.nodelay!r}; "
                         "sys.exit(f.main(sys.argv[1:]))"]
-        cmd = [sys.executable, *launch, "--port", "0",
+        cmd = [sys.executable, *launch, "--port", str(self.port),
                "--slots", str(self.slots), "--latency", f"{self.latency:g}",
                "--models", f"{VISION},{FEEDBACK}"]
         for model, seconds in self.model_latency.items():

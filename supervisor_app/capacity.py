@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import yaml
 
+from supervisor_app.model_servers import ModelServerReading
 from supervisor_app.units import parse_bytes
 
 log = logging.getLogger("jobvisor.capacity")
@@ -55,10 +56,23 @@ class Readings:
     cpu_count: int
     gpus: list[GpuReading] = field(default_factory=list)
     source: dict[str, str] = field(default_factory=dict)  # reading -> where it came from
+    # Model servers on our GPUs (model_servers.py); the supervisor adds them after
+    # read_capacity, which itself does no network I/O.
+    model_servers: list[ModelServerReading] = field(default_factory=list)
 
     @property
     def gpu_free(self) -> int:
         return sum(g.free_bytes for g in self.gpus)
+
+    @property
+    def model_memory_held(self) -> int:
+        """GPU memory the servers' loaded models hold (already not free), where known."""
+        return sum(s.held_bytes or 0 for s in self.model_servers)
+
+    @property
+    def model_memory_reserved(self) -> int:
+        """GPU memory to keep for models the servers unloaded and will load again."""
+        return sum(s.reserved_bytes for s in self.model_servers)
 
 
 def read_capacity(

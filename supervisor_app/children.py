@@ -99,6 +99,10 @@ def worker_command(cfg: Config, job_type: str) -> list[str]:
         cmd += ["--handler", t.handler]
     if t.global_concurrency:
         cmd += ["--global-concurrency", str(t.global_concurrency)]
+    if t.fair_by:
+        cmd.append("--fair")
+    if t.max_running_per_key:
+        cmd += ["--max-running-per-key", str(t.max_running_per_key)]
     if not cfg.queue.listen:
         cmd.append("--no-listen")
     if not t.keep_completed:

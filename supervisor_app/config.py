@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from supervisor_app.model_servers import DEFAULT_MEMORY_TTL_S, parse_server_url
 from supervisor_app.units import format_bytes, format_duration, parse_bytes, parse_duration
 
 ENV_CONFIG = "JOBVISOR_CONFIG"
@@ -61,6 +62,10 @@ MAX_INTERVAL = 3600.0  # 1h: how often the supervisor re-plans, how long a poll 
 MAX_DEADLINE = 86400.0  # 1d: leases, grace, restart backoff, duty periods
 MAX_JOB_TIME = 30 * 86400.0  # 30d: a job's timeout and its retry backoff
 MAX_RETENTION = 3650 * 86400.0  # 10 years of finished jobs
+MAX_FAIR_WEIGHTS = 1000  # keys with their own weight per type (read per enqueued row)
+MAX_FAIR_WEIGHT = 1e6
+_FAIR_FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
+MAX_MODEL_SERVERS = 8  # all of them are read within one second per replan
 
 
 def _at_most(bound: float, shown: Any) -> Any:
@@ -136,6 +141,31 @@ class SupervisorConfig(_Model):
     restart: RestartConfig = RestartConfig()
     child_heartbeat_timeout: Seconds = Field(30.0, gt=0)
     health_token_env: str = "JOBVISOR_HEALTH_TOKEN"
+    # Model servers (Ollama) on this machine's GPUs whose /api/ps the planner reads
+    # (docs/planning.md, "Model server memory"). None: $OLLAMA_BASE_URL when it names
+    # this machine; []: none.
+    model_servers: tuple[Annotated[str, BeforeValidator(parse_server_url)], ...] | None = None
+    model_servers_memory_ttl: Seconds = Field(DEFAULT_MEMORY_TTL_S, gt=0)
+
+    @field_validator("model_servers", mode="before")
+    @classmethod
+    def _server_list(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, list | tuple):
+            raise ValueError(f"must be a list of URLs, e.g. [http://localhost:11434] "
+                             f"(got {type(v).__name__})")
+        if len(v) > MAX_MODEL_SERVERS:
+            raise ValueError(f"at most {MAX_MODEL_SERVERS} servers (got {len(v)})")
+        return v
+
+    @field_validator("model_servers")
+    @classmethod
+    def _servers_once(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for i, url in enumerate(v or ()):
+            if url in v[:i]:
+                raise ValueError(f"{url!r} is listed twice (entries {v.index(url)} and {i})")
+        return v
 
     @field_validator("health_token_env")
     @classmethod
@@ -207,6 +237,13 @@ class TypeConfig(_Model):
     lease: Seconds | None = Field(None, gt=0)
     retry: RetryConfig = RetryConfig()
     global_concurrency: int | None = Field(None, ge=1, le=MAX_GLOBAL_CONCURRENCY)
+    # Fair share between the values of a payload field (docs/fair_share.md): the keys take
+    # turns for this type's slots, in proportion to their weights (default 1).
+    fair_by: str | None = None
+    fair_weights: dict[str, Annotated[float, Field(gt=0, le=MAX_FAIR_WEIGHT,
+                                                   allow_inf_nan=False)]] = \
+        Field(default_factory=dict)
+    max_running_per_key: int | None = Field(None, ge=1, le=MAX_GLOBAL_CONCURRENCY)
     # false: a completed job is deleted as it completes (no result kept, not counted),
     # unless it belongs to a batch, has a callback or a sticky key (README, "History").
     keep_completed: bool = True
@@ -223,6 +260,36 @@ class TypeConfig(_Model):
     def _handler_ref(cls, v: str | None) -> str | None:
         if v is not None and not _HANDLER_RE.match(v):
             raise ValueError(f"{v!r} is not of the form 'package.module:function'")
+        return v
+
+    @field_validator("fair_by")
+    @classmethod
+    def _fair_field(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) > 200 or not _FAIR_FIELD_RE.match(v)):
+            raise ValueError(f"{v!r} is not a payload field name (letters, digits, _ and -, "
+                             f"not starting with a digit; dots between nested fields)")
+        return v
+
+    @field_validator("fair_weights", mode="before")
+    @classmethod
+    def _fair_weight_keys(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            return v  # "must be a mapping"
+        if len(v) > MAX_FAIR_WEIGHTS:
+            raise ValueError(f"at most {MAX_FAIR_WEIGHTS} keys (got {len(v)})")
+        # YAML reads `42: 2` with an int key; the key is the field's value as text, as
+        # the queue reads it from the payload (true/false/'' for booleans and null).
+        return {("" if k is None else str(k).lower() if isinstance(k, bool) else str(k)): w
+                for k, w in v.items()}
+
+    @field_validator("fair_weights", "max_running_per_key")
+    @classmethod
+    def _needs_fair_by(cls, v: Any, info: ValidationInfo) -> Any:
+        # (Absent from info.data when fair_by itself was refused: that error is enough.)
+        if v and "fair_by" in info.data and info.data["fair_by"] is None:
+            raise ValueError("needs fair_by (the payload field whose values share the slots)")
         return v
 
     @field_validator("memory_limit")
@@ -242,6 +309,15 @@ class TypeConfig(_Model):
         if v is not None and not croniter.is_valid(v):
             raise ValueError(f"{v!r} is not a valid cron expression")
         return v
+
+    @property
+    def fair_share(self) -> Any:
+        """The queue's view of `fair_by` (workers.core.queue.FairShare), or None."""
+        if self.fair_by is None:
+            return None
+        from workers.core.queue import FairShare
+
+        return FairShare(self.fair_by, dict(self.fair_weights), self.max_running_per_key)
 
     @property
     def gpu_per_process(self) -> int:
@@ -291,7 +367,8 @@ class Config(_Model):
         t = self.types[type_name]
         settings = {
             "type": type_name,
-            **t.model_dump(mode="json", exclude={"processes"}),
+            # Weights are read by the queue at enqueue (sql/009), not by a child.
+            **t.model_dump(mode="json", exclude={"processes", "fair_weights"}),
             "effective_lease": self.lease_for(type_name),
             # Queue and supervisor settings a child also runs with.
             "queue": self.queue.model_dump(mode="json", include=_CHILD_QUEUE_FIELDS),

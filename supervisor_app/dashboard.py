@@ -437,7 +437,12 @@ def snapshot(sup: Supervisor, *, operator: bool, current: str = "readonly") -> d
                        "reload_error": bool(getattr(sup, "reload_error", None))},
         "health": {"ok": all(c["ok"] for c in checks), "checks": checks},
         "types": types,
-        "capacity": {"readings": view["readings"], "reserve": view["reserve"]},
+        # readings.model_servers: each model server on our GPUs (loaded models, memory
+        # held, memory kept for unloaded models); budget: what the plan worked with.
+        "capacity": {"readings": view["readings"], "reserve": view["reserve"],
+                     "budget": view.get("budget")},
+        # Each model endpoint's shared limit, requests in flight and observed latency.
+        "models": [_model_endpoint(e) for e in list(sup.model_endpoints)],
         "workers": [{k: w.get(k) for k in ("job_type", "slot", "pid", "state", "uptime_s",
                                           "restarts", "rss_bytes", "cpu_seconds", "inflight",
                                           "last_exit")} for w in workers],
@@ -447,6 +452,16 @@ def snapshot(sup: Supervisor, *, operator: bool, current: str = "readonly") -> d
         "db_error": reads.error,
         "audit": list(b.audit) if operator else None,
     }
+
+
+def _model_endpoint(e: dict[str, Any]) -> dict[str, Any]:
+    out = {k: e[k] for k in ("endpoint", "model", "limit", "max_limit", "fixed", "in_flight",
+                             "requests", "busy", "timeouts")}
+    for k in ("latency_s", "baseline_s", "wait_share"):
+        out[k] = None if e[k] is None else round(float(e[k]), 4)
+    for k in ("changed_at", "observed_at"):
+        out[k] = None if e[k] is None else _iso(e[k], "milliseconds")
+    return out
 
 
 def _view(sup: Supervisor) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import psycopg
 from croniter import croniter
 
 from supervisor_app import registry_table
-from workers.core import queue
+from workers.core import model_store, queue
 from workers.core.logs import frames
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ LEADER_EVERY = 5.0  # a follower tries to take over this often
 STALE_EVERY = 30.0
 STALE_AFTER_S = 60.0  # supervisor rows silent this long are removed
 PRUNE_BATCH = 5000  # rows per prune statement; one statement per status per round
+FAIR_RETRY_S = 5.0  # the fair-share configuration could not take its lock: try again then
 CRON_CATCHUP_S = 3600.0  # a slot missed while no supervisor ran is caught up this long
 CONNECT_TIMEOUT = 3
 STATEMENT_TIMEOUT_MS = 10_000
@@ -89,6 +90,11 @@ class Duties:
         self.unserved: set[str] = set()
         self.reconnect_at = 0.0
         self.reconnect_delay = 0.25
+        # The configuration whose fair_by settings the database has (jobvisor.fair_types),
+        # the types it served, and whether jobs queued before a type was fair need a key.
+        self.fair_cfg: Any = None
+        self.fair_served: set[str] = set()
+        self.fair_backlog = False
 
     # --- lifecycle (called from the loop) -----------------------------------------------
     def start(self) -> None:
@@ -142,6 +148,7 @@ class Duties:
                 registry_table.publish(conn, s.sup_id, s.host, os.getpid(), self.state)
             if self._due("queue_stats", QUEUE_STATS_EVERY, now):
                 self._queue_stats(conn)
+            self._fair_share(conn, now)
             if self._due("leader", LEADER_EVERY, now) or self.leader:
                 self._leader_duties(conn, now)
         except psycopg.Error as exc:
@@ -222,6 +229,7 @@ class Duties:
     def _queue_stats(self, conn: psycopg.Connection) -> None:
         stats = queue.status_counts(conn)
         self.sup.queue_stats = stats
+        self.sup.model_endpoints = model_store.endpoints(conn)
         states = registry_table.live_supervisors(conn)
         served = registry_table.served_types(states) | self.sup.served_types()
         schedules: dict[tuple[str, str], int] = {}
@@ -233,6 +241,37 @@ class Duties:
         for t in sorted(unserved - self.unserved):
             log.warning("queue_unserved", extra={"job_type": t, "queued": stats[t]["queued"]})
         self.unserved = unserved
+
+    def _fair_share(self, conn: psycopg.Connection, now: float) -> None:
+        """At start and after each reload: write the served types' fair_by settings
+        (sql/009); then key, a batch per round, the jobs queued before a type was fair."""
+        cfg = self.sup.cfg
+        if cfg is not self.fair_cfg and now >= self.due.get("fair_retry", 0.0):
+            served = self.sup.served_config()
+            fair = {n: t.fair_share for n, t in served.items() if t.fair_by}
+            try:
+                changed = queue.configure_fair_share(conn, fair, set(served) | self.fair_served)
+            except psycopg.errors.LockNotAvailable:
+                # Writers held the jobs for 2 s (a bulk load?): the list of fair types is
+                # unchanged until the next try; their jobs are keyed then.
+                log.warning("fair_share_deferred", extra={"retry_in_s": FAIR_RETRY_S})
+                self.due["fair_retry"] = now + FAIR_RETRY_S
+                return
+            except psycopg.errors.InsufficientPrivilege:
+                # Not the role that migrated (the owner of sql/009's functions): said once,
+                # tried again on the next reload; the database keeps what it had.
+                log.error("fair_share_refused", extra={"types": sorted(fair)})
+                self.fair_cfg = cfg
+                return
+            self.fair_cfg, self.fair_served = cfg, set(served)
+            self.fair_backlog = bool(fair)
+            if changed:
+                log.info("fair_share_configured", extra={"types": sorted(fair)})
+        if self.fair_backlog:
+            keyed, self.fair_backlog = queue.key_fair_backlog(conn, limit=PRUNE_BATCH)
+            if keyed:
+                log.info("fair_share_backlog_keyed", extra={"count": keyed,
+                                                            "more": self.fair_backlog})
 
     # --- the elected host ------------------------------------------------------------------
     def _leader_duties(self, conn: psycopg.Connection, now: float) -> None:

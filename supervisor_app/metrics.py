@@ -37,6 +37,10 @@ METRIC_NAMES = (
     "jobvisor_capacity_slots", "jobvisor_gpu_memory_free_bytes",
     "jobvisor_gpu_memory_total_bytes", "jobvisor_memory_available_bytes",
     "jobvisor_cpus", "jobvisor_reserve_bytes", "jobvisor_up",
+    "jobvisor_model_limit", "jobvisor_model_in_flight", "jobvisor_model_latency_seconds",
+    "jobvisor_model_baseline_seconds", "jobvisor_model_queue_share",
+    "jobvisor_model_requests_total", "jobvisor_model_busy_total",
+    "jobvisor_model_timeouts_total",
 )
 
 
@@ -82,6 +86,7 @@ class SupervisorCollector:
             plan.add_metric([job_type], entry.processes)
         yield plan
         yield from self._readings()
+        yield from self._models()
 
     def _outcomes(self) -> Iterator[Metric]:
         outcomes = dict(self.sup.outcomes)
@@ -144,6 +149,43 @@ class SupervisorCollector:
         reserve.add_metric(["memory"], res.memory)
         reserve.add_metric(["gpu_memory"], res.gpu_memory)
         yield from (gpu_free, gpu_total, mem, cpus, reserve)
+
+
+    def _models(self) -> Iterator[Metric]:
+        """Each model endpoint's shared limit (workers/core/model_gate.py), as the duties
+        last read it from jobvisor.model_limits and the tokens held."""
+        labels = ["endpoint", "model"]
+        limit = GaugeMetricFamily("jobvisor_model_limit",
+                                  "Concurrent requests allowed per model endpoint", labels=labels)
+        in_flight = GaugeMetricFamily("jobvisor_model_in_flight",
+                                      "Requests holding a token of the endpoint now", labels=labels)
+        latency = GaugeMetricFamily("jobvisor_model_latency_seconds",
+                                    "Recent round trip per request (moving average)",
+                                    labels=labels)
+        baseline = GaugeMetricFamily("jobvisor_model_baseline_seconds",
+                                     "Shortest recent service time (the no-queue baseline)",
+                                     labels=labels)
+        share = GaugeMetricFamily("jobvisor_model_queue_share",
+                                  "Recent time waiting in the server per second of service",
+                                  labels=labels)
+        requests = CounterMetricFamily("jobvisor_model_requests", "Requests to the endpoint",
+                                       labels=labels)
+        busy = CounterMetricFamily("jobvisor_model_busy", "503/429 answers (server busy)",
+                                   labels=labels)
+        timeouts = CounterMetricFamily("jobvisor_model_timeouts", "Requests that timed out",
+                                       labels=labels)
+        for e in list(self.sup.model_endpoints):
+            key = [e["endpoint"], e["model"]]
+            limit.add_metric(key, e["limit"])
+            in_flight.add_metric(key, e["in_flight"])
+            for family, name in ((latency, "latency_s"), (baseline, "baseline_s"),
+                                 (share, "wait_share")):
+                if e[name] is not None:
+                    family.add_metric(key, e[name])
+            requests.add_metric(key, e["requests"])
+            busy.add_metric(key, e["busy"])
+            timeouts.add_metric(key, e["timeouts"])
+        yield from (limit, in_flight, latency, baseline, share, requests, busy, timeouts)
 
 
 class PluginCollector:

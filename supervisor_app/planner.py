@@ -7,9 +7,10 @@ The rule (also in docs/planning.md):
    RAM: ``memory_available`` + RSS currently held by our own children − ``reserve.memory``
    (our children's memory is ours to hand out again, so it counts as available).
    GPU: free GPU memory summed over all GPUs + the GPU memory our own children are
-   measured to hold (NVML per-process usage) − ``reserve.gpu_memory``. Memory a model
-   server (Ollama) holds on our jobs' behalf is not ours to hand out: it simply lowers
-   the free reading, and the plan follows it.
+   measured to hold (NVML per-process usage) − ``reserve.gpu_memory`` − the memory of
+   models a model server on our GPUs had loaded and has unloaded
+   (``Readings.model_memory_reserved``, see model_servers.py): they load again with the
+   next job. A model loaded now is not subtracted: it already lowers the free reading.
 3. Per-process needs.
    RAM: max(``memory_per_job`` × ``concurrency``, average RSS of that type's running
    children) — measured memory counts when a type uses more than it declared.
@@ -83,6 +84,7 @@ class Budget:
     ram: int
     gpu: int
     has_gpu: bool
+    model_reserved: int = 0  # GPU bytes kept for models a model server unloaded
 
 
 def ram_need(t: PlanType, rss: Sequence[int] = ()) -> int:
@@ -108,10 +110,14 @@ def budget(
     # back once they are stopped, so all our children's RSS counts. GPU memory counts
     # only as measured per child: declared figures are a need, not a holding.
     held_ram = sum(sum(rss) for rss in running.values())
+    # A model a server has loaded is already "not free"; one it unloaded is not, yet it
+    # comes back with the next job that needs it, so its memory is not ours to give away.
+    model_reserved = readings.model_memory_reserved
     return Budget(
         ram=readings.memory_available + held_ram - reserve_memory,
-        gpu=readings.gpu_free + held_gpu - reserve_gpu_memory,
+        gpu=readings.gpu_free + held_gpu - reserve_gpu_memory - model_reserved,
         has_gpu=bool(readings.gpus),
+        model_reserved=model_reserved,
     )
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from supervisor_app import children
+from supervisor_app import children, model_servers
 from supervisor_app.capacity import Readings, gpu_memory_by_pid, read_capacity
 from supervisor_app.children import Slot
 from supervisor_app.config import Config, ConfigError, diff_types, load_config
@@ -52,6 +52,7 @@ class Supervisor:
         self.planner = Planner(cfg.supervisor.reserve.memory, cfg.supervisor.reserve.gpu_memory)
         self.plan: dict[str, PlanEntry] = {}
         self.readings: Readings | None = None
+        self.model_servers = model_servers.ModelServerWatch()
         self.fingerprints = cfg.worker_fingerprints()
         self.host = socket.gethostname()
         self.sup_id = f"{self.host}:{os.getpid()}"
@@ -63,6 +64,8 @@ class Supervisor:
         self.forced = False
         self.due: dict[str, float] = {}
         self.queue_stats: dict[str, dict[str, float]] = {}  # written by the duties thread
+        # Each model endpoint's shared limit, in flight and latency (the duties thread).
+        self.model_endpoints: list[dict[str, Any]] = []
         self.duties = Duties(self)
         # (job_type, outcome, code) -> [count, seconds, bucket counts...] from children.
         self.outcomes: dict[tuple[str, str, str | None], list[float]] = {}
@@ -281,6 +284,9 @@ class Supervisor:
                     children.measure(s, with_uss=True)
                     running.setdefault(job_type, []).append(s.rss)
         self.readings = read_capacity()
+        sup = self.cfg.supervisor
+        self.readings.model_servers = self.model_servers.read(
+            model_servers.targets(sup.model_servers, self.env), sup.model_servers_memory_ttl)
         held_gpu = 0
         if self.readings.gpus:
             by_pid = gpu_memory_by_pid()
@@ -401,6 +407,7 @@ class Supervisor:
             for s in slots:
                 children.close_status(s)
         self.duties.stop()  # answers outstanding rescues, withdraws our row
+        self.model_servers.close()
         log.info("supervisor_stopped", extra={"forced": self.forced})
 
     def _emergency_stop(self) -> None:
@@ -424,6 +431,7 @@ class Supervisor:
     def view(self) -> dict[str, Any]:
         now = time.monotonic()
         r = self.readings
+        b = self.planner.last_budget
         return {
             "supervisor": {"id": self.sup_id, "host": self.host, "pid": os.getpid(),
                            "started_at": self.started, "draining": self.draining},
@@ -445,7 +453,15 @@ class Supervisor:
                 "gpus": [{"index": g.index, "name": g.name, "vendor": g.vendor,
                           "total_bytes": g.total_bytes, "free_bytes": g.free_bytes}
                          for g in r.gpus],
+                # Model servers on our GPUs: what their loaded models hold (already not
+                # free) and what is kept for models they unloaded (off the GPU budget).
+                "model_servers": [s.as_dict() for s in r.model_servers],
+                "model_memory_held_bytes": r.model_memory_held,
+                "model_memory_reserved_bytes": r.model_memory_reserved,
             },
+            "budget": None if b is None else {
+                "ram_bytes": b.ram, "gpu_bytes": b.gpu, "has_gpu": b.has_gpu,
+                "gpu_reserved_for_models_bytes": b.model_reserved},
             "reserve": {"memory": self.cfg.supervisor.reserve.memory,
                         "gpu_memory": self.cfg.supervisor.reserve.gpu_memory},
         }

@@ -23,6 +23,17 @@ from supervisor_app.migrate import migrate
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _fresh_model_gate() -> Iterator[None]:
+    """Each test builds this process's model gate anew: its policy from the environment
+    the test set, no limits or database left from another test."""
+    from workers.core import model_gate
+
+    model_gate.configure(None)
+    yield
+    model_gate.configure(None)
+
+
 @pytest.fixture(scope="session")
 def pg_server_dsn() -> Iterator[str]:
     url = os.environ.get("JOBVISOR_TEST_DATABASE_URL")

@@ -138,3 +138,13 @@ def progress_note(job: Job, ctx: JobContext) -> dict:
     while ctx._progress_dirty and time.monotonic() < deadline:
         ctx.sleep(0.02)
     return {"taken": not ctx._progress_dirty}
+
+
+def model_call(job: Job, ctx: JobContext) -> dict:
+    """One `/api/chat` request to payload["base_url"] through the real client (and so
+    through the model gate)."""
+    from workers.learning.ai import ollama
+
+    text = ollama.chat(job.payload["base_url"], job.payload["model"],
+                       [{"role": "user", "content": f"job {job.id}"}], timeout=(5.0, 60.0))
+    return {"chars": len(text)}

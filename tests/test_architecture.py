@@ -199,7 +199,8 @@ def test_jobvisors_own_plug_ins_declare_what_the_issue_lists() -> None:
 def test_no_module_grows_past_about_500_lines_without_a_reason() -> None:
     # The reason for each exception is in docs/architecture.md ("Module sizes").
     allowed = {"workers/core/queue.py", "workers/core/runtime.py", "workers/backup/dump.py",
-               "workers/learning/pdf_render.py", "supervisor_app/dashboard.py"}
+               "workers/learning/pdf_render.py", "supervisor_app/dashboard.py",
+               "supervisor_app/config.py"}
     big = {str(p.relative_to(REPO)) for p in MODULES.values()
            if len(p.read_text(encoding="utf-8").splitlines()) > 520}
     assert big <= allowed, big - allowed

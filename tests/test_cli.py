@@ -91,7 +91,8 @@ def test_status_json_has_the_documented_shape(db, worker_env):
     out = jv(worker_env, "status", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert set(doc) == {"queues", "workers", "plan", "unserved"}
+    assert set(doc) == {"queues", "workers", "plan", "unserved", "model_servers"}
+    assert doc["model_servers"] == []  # read by running supervisors only
     assert doc["unserved"] == ["noop"]  # queued, and no supervisor runs
     text = jv(worker_env, "status")
     assert "warning: 2 job(s) of type 'noop' are queued and no running supervisor" in text.stderr

@@ -173,6 +173,49 @@ def test_cross_field_and_range_errors_name_the_key(
     assert error_for(tmp_path, text).startswith(expected)
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("supervisor: {model_servers: http://localhost:11434}",
+     "supervisor.model_servers: must be a list of URLs, e.g. [http://localhost:11434] (got str)"),
+    ("supervisor: {model_servers: [localhost:11434]}",
+     "supervisor.model_servers.0: 'localhost:11434' is not an http:// or https:// URL"),
+    ("supervisor: {model_servers: [http://localhost:11434, 'ftp://x']}",
+     "supervisor.model_servers.1: 'ftp://x' is not an http:// or https:// URL"),
+    ("supervisor: {model_servers: [11434]}",
+     "supervisor.model_servers.0: must be a URL such as http://localhost:11434 (got 11434)"),
+    ("supervisor: {model_servers: ['http://me:pw@localhost:11434']}",
+     "supervisor.model_servers.0: 'http://localhost:11434': no user or password in the URL"),
+    ("supervisor: {model_servers: ['http://localhost:99999']}",
+     "supervisor.model_servers.0: 'http://localhost:99999' has an invalid port"),
+    ("supervisor: {model_servers: ['http://localhost:11434/?x=1']}",
+     "supervisor.model_servers.0: 'http://localhost:11434/?x=1': a base URL has no query"),
+    ("supervisor: {model_servers: ['http://:11434']}",
+     "supervisor.model_servers.0: 'http://:11434' has no host"),
+    ("supervisor: {model_servers: [http://localhost:11434/, http://LOCALHOST:11434]}",
+     "supervisor.model_servers: 'http://localhost:11434' is listed twice (entries 0 and 1)"),
+    ("supervisor: {model_servers: [" + ", ".join(f"http://h{i}" for i in range(9)) + "]}",
+     "supervisor.model_servers: at most 8 servers (got 9)"),
+    ("supervisor: {model_servers_memory_ttl: 2d}",
+     "supervisor.model_servers_memory_ttl: must be <= 1d (got 2d)"),
+    ("supervisor: {model_servers_memory_ttl: 0}",
+     "supervisor.model_servers_memory_ttl: must be > 0"),
+    ("supervisor: {model_servers_memory_ttl: later}",
+     "supervisor.model_servers_memory_ttl: invalid duration 'later'"),
+])
+def test_model_server_errors_name_the_key_and_the_entry(tmp_path: Path, text: str,
+                                                        expected: str) -> None:
+    assert error_for(tmp_path, text).startswith(expected)
+
+
+def test_model_servers_default_to_the_environment_url_and_are_normalised() -> None:
+    sup = parse_config({}).supervisor
+    assert sup.model_servers is None and sup.model_servers_memory_ttl == 3600.0
+    sup = parse_config({"supervisor": {"model_servers": ["HTTP://Ollama:11434/base/"],
+                                       "model_servers_memory_ttl": "30m"}}).supervisor
+    assert sup.model_servers == ("http://ollama:11434/base",)
+    assert sup.model_servers_memory_ttl == 1800.0
+    assert parse_config({"supervisor": {"model_servers": []}}).supervisor.model_servers == ()
+
+
 @pytest.mark.parametrize("name", ["Vision", "1pdf", "my-type", "a" * 64, "_x"])
 def test_invalid_type_name_is_rejected(tmp_path: Path, name: str) -> None:
     problem = error_for(tmp_path, f"types: {{'{name}': {{}}}}")

@@ -20,6 +20,7 @@ from tests.helpers import wait_for
 from tests.supervisor_harness import Supervisor, base_config, free_port
 from workers import Job, JobContext, PermanentError
 from workers.core import queue as q
+from workers.core.model_gate import ModelGate, Policy
 
 TOKEN = "op-token-for-tests"
 SECRET = "Aufsatz von Schülerin Jana: SECRET-STUDENT-TEXT"
@@ -113,6 +114,26 @@ def test_state_shows_queue_plan_children_and_failures_but_never_payload_text(loc
     raw = json.dumps(state)
     assert "SECRET-STUDENT-TEXT" not in raw and "Jana" not in raw
     assert queued not in [f["id"] for f in state["failures"]]
+
+
+def test_state_shows_each_model_endpoints_limit_in_flight_and_latency(local, db):
+    """Issue #16: the dashboard's model endpoints, as the workers' gate keeps them."""
+    gate = ModelGate(local.dsn, Policy("adaptive", None, 16))
+    ticket = gate.acquire("http://gpu:11434", "qwen2.5vl:7b", 5.0)
+    with psycopg.connect(local.dsn, autocommit=True) as conn:
+        local.duties._queue_stats(conn)
+    _, _, state = call(local, "GET", "/ui/api/state")
+    [m] = state["models"]
+    assert (m["endpoint"], m["model"], m["limit"], m["max_limit"], m["fixed"]) == \
+        ("http://gpu:11434", "qwen2.5vl:7b", 1, 16, False)
+    assert m["in_flight"] == 1 and m["requests"] == 0 and m["latency_s"] is None
+    gate.release(ticket, "ok", 0.0)
+    with psycopg.connect(local.dsn, autocommit=True) as conn:
+        local.duties._queue_stats(conn)
+    _, _, state = call(local, "GET", "/ui/api/state")
+    [m] = state["models"]
+    assert m["in_flight"] == 0 and m["requests"] == 1
+    assert m["latency_s"] is not None and m["wait_share"] == 0.0 and m["observed_at"]
 
 
 def test_actions_need_the_bearer_token_and_are_refused_cross_site(local, db, caplog):

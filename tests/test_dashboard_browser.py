@@ -302,3 +302,37 @@ def test_token_mode_shows_nothing_until_the_token_is_given(browser, db, worker_e
     finally:
         page.close()
         assert sup.stop() == 0
+
+
+def test_the_plan_panel_shows_each_model_servers_loaded_and_kept_memory(browser, db,
+                                                                        worker_env, tmp_path):
+    """A running supervisor reads the fake Ollama's /api/ps every replan; the page shows
+    the loaded model, then, after Ollama unloads it, the memory kept for it."""
+    import httpx
+
+    from tests.fakes.ollama import FakeOllama
+
+    model = "qwen2.5vl:7b"
+    with FakeOllama(models=[model]) as fake:
+        sup = start(tmp_path, dict(worker_env, OLLAMA_BASE_URL=fake.base_url),
+                    {"noop": {**SMALL, "processes": {"min": 1, "max": 1}}})
+        page = Page(browser, f"http://127.0.0.1:{sup.port}/ui/")
+        try:
+            server = page.page.locator(f'#capacity .model-server[data-url="{fake.base_url}"]')
+            expect(server).to_contain_text("reachable")
+            expect(server.locator(".model-loaded")).to_contain_text("0 loaded")
+            httpx.post(fake.base_url + "/api/chat", json={"model": model, "messages": [],
+                                                          "keep_alive": "10m"}, timeout=5)
+            expect(server.locator(".model-loaded")).to_contain_text(f"1 loaded: {model} 3.7 GiB")
+            httpx.post(fake.base_url + "/api/chat", json={"model": model, "messages": [],
+                                                          "keep_alive": 0}, timeout=5)
+            expect(server.locator(".model-reserved")).to_contain_text(
+                f"3.7 GiB kept for unloaded models: {model} 3.7 GiB")
+            expect(server.locator(".model-loaded")).to_contain_text("0 loaded")
+            assert page.errors == [], page.errors
+        finally:
+            page.close()
+            assert sup.stop() == 0
+    # One line per change, not one per replan (it replans every 0.5 s).
+    assert len(sup.events("model_server_reachable")) == 1
+    assert [e["bytes"] for e in sup.events("model_memory_reserved")] == [4_000_000_000]

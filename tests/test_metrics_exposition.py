@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers import wait_for
 from tests.supervisor_harness import Supervisor, base_config, free_port
 from workers.core import queue as q
+from workers.core.model_gate import ModelGate, Policy
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -28,18 +29,23 @@ def scraped(db, worker_env, tmp_path):
         "fail": {"memory_per_job": "1MiB", "processes": {"min": 1, "max": 1},
                  "retry": {"max_attempts": 1}}})
     sup = Supervisor(tmp_path, worker_env, cfg).start()
+    # A model call in flight, as a worker holds it (workers/core/model_gate.py).
+    gate = ModelGate(worker_env["DATABASE_URL"], Policy("fixed", 3, 8))
+    ticket = gate.acquire("http://user:pw@gpu:11434/", "qwen2.5vl:7b", 5.0)
     try:
         q.enqueue_many(db, [q.NewJob("noop", {}) for _ in range(3)])
         q.enqueue(db, q.NewJob("fail", {"kind": "permanent"}, max_attempts=1))
         wait_for(lambda: 'outcome="failed"' in sup.get("/metrics")[1]
-                 and 'job_type="noop",outcome="completed"' in sup.get("/metrics")[1],
-                 what="outcomes in /metrics")
+                 and 'job_type="noop",outcome="completed"' in sup.get("/metrics")[1]
+                 and "jobvisor_model_in_flight{" in sup.get("/metrics")[1],
+                 what="outcomes and the model endpoint in /metrics")
         _, text, _ = sup.get("/metrics")
         req = urllib.request.Request(f"http://127.0.0.1:{sup.port}/metrics",
                                      headers={"Accept": OPENMETRICS})
         with urllib.request.urlopen(req, timeout=5) as resp:
             om_text, om_type = resp.read().decode(), resp.headers["Content-Type"]
     finally:
+        gate.release(ticket, None, None)
         assert sup.stop() == 0
     return text, om_text, om_type
 
@@ -61,6 +67,21 @@ def test_the_exposition_parses_and_names_the_core_and_plug_in_families(scraped):
     assert {"jobvisor_up", "jobvisor_cpus", "jobvisor_jobs", "jobvisor_queue_depth",
             "analysis_jobs_inflight", "ai_worker_failed"} <= names
     assert not [n for n in names if n.endswith("_count")]
+
+
+def test_each_model_endpoint_shows_its_limit_and_requests_in_flight(scraped):
+    """Issue #16: jobvisor_model_limit{endpoint,model} and the tokens held, labelled
+    with the server's URL without its credentials."""
+    text, _, _ = scraped
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    labels = {"endpoint": "http://gpu:11434", "model": "qwen2.5vl:7b"}
+    [limit] = families["jobvisor_model_limit"].samples
+    [in_flight] = families["jobvisor_model_in_flight"].samples
+    assert (limit.labels, limit.value) == (labels, 3)
+    assert (in_flight.labels, in_flight.value) == (labels, 1)
+    assert {"jobvisor_model_requests", "jobvisor_model_busy", "jobvisor_model_timeouts"} <= \
+        set(families)
+    assert "pw" not in text.replace("jobvisor_", "")
 
 
 def test_a_scraper_asking_for_openmetrics_gets_it(scraped):

@@ -244,7 +244,8 @@ def test_three_queued_vision_jobs_with_concurrency_two_run_two_at_once(
         data = make_pdf(f"Aufsatz {i}")
         sids.append(add_submission(db, storage, data))
         enqueue_vision(db, storage, sids[-1], data)
-    workers.start(_ollama(env), "vision", "--concurrency", "2", *FAST)
+    # The threads' own parallelism, without the model gate's limit (issue #16).
+    workers.start(_ollama(env) | {"AI_MODEL_LIMIT": "off"}, "vision", "--concurrency", "2", *FAST)
     try:
         wait_for(lambda: fake.stats()["in_flight"] == 2, what="two model calls in flight")
         assert counts(db, "vision") == {"leased": 2, "queued": 1}
@@ -341,12 +342,16 @@ def test_feedback_failing_twice_then_succeeding_makes_exactly_one_vision_call(
     assert (row["text_backend"], row["feedback_backend"]) == ("ollama", "ollama")
 
 
-def test_dspy_failure_falls_back_to_the_direct_call_and_completes(
+def test_dspy_parse_failure_falls_back_to_the_direct_call_and_completes(
         db, env, storage, fake, workers):
     sid = add_submission(db, storage, make_pdf("x"), status="extracted",
                          text="Ein Text, der Feedback braucht.")
     job = enqueue_feedback(db, sid)
-    fake.inject("500", count=5, endpoint="/v1/chat/completions")
+
+    def unparseable_on_v1(req: Any) -> str | None:
+        return "Ich weiß es nicht." if req.endpoint == "/v1/chat/completions" else None
+
+    fake.responder = unparseable_on_v1
     workers.start(_ollama(env, feedback="dspy"), "feedback", *FAST)
     wait_for(lambda: _finished(db, sid), timeout=120, what="submission finished")
     assert status_of(db, sid) == ("completed", None)
@@ -354,9 +359,29 @@ def test_dspy_failure_falls_back_to_the_direct_call_and_completes(
     assert result["backend"] == "ollama" and result["schema"] == "criteria.v2"
     # What produced it, not what was configured: DSPy failed, the direct call answered.
     assert submission(db, sid)["feedback_backend"] == "ollama"
-    assert fake.calls("/v1/chat/completions") >= 1
+    assert fake.calls("/v1/chat/completions") == 1
     assert fake.calls("/api/chat", FEEDBACK) == 1
     assert '"feedback_dspy_failed"' in workers.logs()
+
+
+def test_a_busy_model_server_is_retried_with_backoff_not_asked_twice_at_once(
+        db, env, storage, fake, workers):
+    """Issue #16: two 503s from DSPy's /v1: two retries by the queue (attempt 3 answers),
+    no fallback request to the same busy server, and the shared limit counted them."""
+    sid = add_submission(db, storage, make_pdf("x"), status="extracted",
+                         text="Ein Text, der Feedback braucht.")
+    job = enqueue_feedback(db, sid)
+    fake.inject("503", count=2, endpoint="/v1/chat/completions")
+    workers.start(_ollama(env, feedback="dspy"), "feedback", *FAST)
+    wait_for(lambda: _finished(db, sid), timeout=120, what="submission finished")
+    assert status_of(db, sid) == ("completed", None)
+    done = q.get_job(db, job)
+    assert done["attempts"] == 3 and done["result"]["backend"] == "dspy"
+    assert fake.calls("/v1/chat/completions") == 3 and fake.calls("/api/chat") == 0
+    assert '"feedback_dspy_failed"' not in workers.logs()
+    wait_for(lambda: db.execute("SELECT busy, requests FROM jobvisor.model_limits "
+                                "WHERE model = %s", (FEEDBACK,)).fetchone() == (2, 3),
+             what="the busy answers counted in jobvisor.model_limits")
 
 
 # --- failures ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 
 from supervisor_app.capacity import GpuReading, Readings
 from supervisor_app.config import TypeConfig, load_config
+from supervisor_app.model_servers import LoadedModel, ModelServerReading, ReservedModel
 from supervisor_app.planner import (
     LIMITED_BY_GPU,
     LIMITED_BY_RAM,
@@ -168,6 +169,45 @@ def test_declared_gpu_need_of_running_children_is_not_counted_as_held() -> None:
     readings = machine(8 * GiB, gpus=[GiB])
     plan = plan_targets(types, readings, {"vision": [MiB, MiB]}, reserve_gpu_memory=GiB)
     assert plan["vision"] == PlanEntry(0, LIMITED_BY_GPU)
+
+
+def with_model_server(readings: Readings, *, loaded: int = 0, unloaded: int = 0) -> Readings:
+    """`readings` plus one model server with a model of `loaded` bytes loaded and one of
+    `unloaded` bytes it had loaded earlier (0: none)."""
+    readings.model_servers = [ModelServerReading(
+        "http://localhost:11434", "default", True, True,
+        models=[LoadedModel("feedback:8b", loaded)] if loaded else [],
+        reserved=[ReservedModel("vision:7b", unloaded, 120.0)] if unloaded else [])]
+    return readings
+
+
+def test_a_model_the_server_unloaded_keeps_its_memory_off_the_gpu_budget() -> None:
+    types = {"vision": kind(gpu=2 * GiB, concurrency=2)}  # 4 GiB a process
+    seen = with_model_server(machine(8 * GiB, gpus=[13 * GiB]), unloaded=4 * GiB)
+    assert plan_targets(types, machine(8 * GiB, gpus=[13 * GiB]),
+                        reserve_gpu_memory=GiB)["vision"] == PlanEntry(3, LIMITED_BY_GPU)
+    # The unloaded model comes back with the next job: one process fewer.
+    assert plan_targets(types, seen, reserve_gpu_memory=GiB)["vision"] == \
+        PlanEntry(2, LIMITED_BY_GPU)
+    planner = Planner(reserve_gpu_memory=GiB)
+    assert planner.replan(types, seen)["vision"].processes == 2
+    assert planner.last_budget.model_reserved == 4 * GiB
+    assert planner.last_budget.gpu == 8 * GiB
+
+
+def test_a_model_loaded_now_is_not_subtracted_twice() -> None:
+    # Its memory already lowers the free reading (13 GiB is what is left beside it).
+    types = {"vision": kind(gpu=2 * GiB, concurrency=2)}
+    loaded = with_model_server(machine(8 * GiB, gpus=[13 * GiB]), loaded=5 * GiB)
+    assert loaded.model_memory_held == 5 * GiB and loaded.model_memory_reserved == 0
+    assert plan_targets(types, loaded, reserve_gpu_memory=GiB)["vision"] == \
+        PlanEntry(3, LIMITED_BY_GPU)
+
+
+def test_without_gpu_a_reserved_model_changes_nothing() -> None:
+    types = {"vision": kind(min=1, gpu=GiB), "pdf": kind(max=3)}
+    plan = plan_targets(types, with_model_server(machine(8 * GiB), unloaded=4 * GiB))
+    assert plan == {"vision": PlanEntry(1, NO_GPU), "pdf": PlanEntry(3, MAX_REACHED)}
 
 
 def test_gpu_budget_goes_to_higher_priority_first() -> None:

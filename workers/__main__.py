@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from workers.core import embedded, logs, plugins
+from workers.core import embedded, logs, model_gate, plugins
 from workers.core.dsn import dsn_for, unset_role
 from workers.core.registry import HandlerError, load
 from workers.core.runtime import Runtime, WorkerSettings
@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backoff", type=float, default=5.0, help="first retry delay (s)")
     p.add_argument("--max-backoff", type=float, default=600.0, help="retry delay cap (s)")
     p.add_argument("--global-concurrency", type=int, help="cap on leased jobs on all hosts")
+    p.add_argument("--fair", action="store_true",
+                   help="lease by fair share between keys (the type has fair_by)")
+    p.add_argument("--max-running-per-key", type=int,
+                   help="cap on leased jobs per fair-share key on all hosts (with --fair)")
     p.add_argument("--no-keep-completed", action="store_true",
                    help="delete completed jobs as they complete (keep no history)")
     p.add_argument("--options", default="{}", help="JSON object of handler options")
@@ -81,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     if args.concurrency < 1:
         return _fail(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.max_running_per_key is not None and (args.max_running_per_key < 1
+                                                 or not args.fair):
+        return _fail(f"--max-running-per-key must be >= 1 and needs --fair, got "
+                     f"{args.max_running_per_key}{'' if args.fair else ' without --fair'}")
     if args.heartbeat >= args.lease:
         return _fail(f"--heartbeat ({args.heartbeat:g}s) must be shorter than --lease "
                      f"({args.lease:g}s)")
@@ -98,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{exc.code}: {exc}")
     except plugins.PluginError as exc:
         return _fail(f"PLUGIN_INVALID: {exc}")
+    try:
+        model_gate.policy_from_env()  # a bad AI_MODEL_LIMIT fails here, not per model call
+    except model_gate.ModelGateError as exc:
+        return _fail(str(exc))
     dsn = dsn_for("worker")
     if not dsn:
         # The CLI's rule: the embedded server stands in only when no database variable
@@ -114,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout, grace=args.grace, max_attempts=args.max_attempts,
         backoff=args.backoff, max_backoff=args.max_backoff,
         global_concurrency=args.global_concurrency, options=options,
+        fair=args.fair, max_running_per_key=args.max_running_per_key,
         keep_completed=not args.no_keep_completed,
         attempts_by_type={str(k): int(v) for k, v in attempts.items()},
     )

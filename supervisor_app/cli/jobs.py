@@ -189,7 +189,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         running = [] if args.json else queue.running_jobs(conn, limit=20)
     # Queues with jobs waiting that no live supervisor serves (kept, never failed for it).
     unserved = sorted(t for t, c in queues.items() if c["queued"] and t not in served)
-    out = {"queues": queues, "workers": workers, "plan": plan, "unserved": unserved}
+    out = {"queues": queues, "workers": workers, "plan": plan, "unserved": unserved,
+           "model_servers": [{"host": host, **m} for host, r in readings
+                             for m in r.get("model_servers") or []]}
     if args.json:
         print(json.dumps(out, sort_keys=True))
         return EXIT_OK
@@ -206,6 +208,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                          for g in r.get("gpus", [])) or "no GPU"
         print(f"\n{host}: RAM {r['memory_available'] // 2**20} MiB available, "
               f"{r['cpu_count']} CPUs, {gpus}")
+        for m in r.get("model_servers") or []:
+            print(f"  {_model_server_line(m)}")
     if plan:
         print("plan: " + ", ".join(f"{t}={p['processes']} ({p['reason']})"
                                    for t, p in sorted(plan.items())))
@@ -219,6 +223,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  job {r['id']} {r['job_type']}{done} attempt {r['attempts']}/"
               f"{r['max_attempts']} since {r['started_at']}")
     return EXIT_OK
+
+
+def _model_server_line(m: dict[str, Any]) -> str:
+    """One model server as `status` shows it: loaded models, held and reserved memory."""
+    from supervisor_app.units import format_bytes
+
+    head = f"model server {m['url']} ({m['source']}): "
+    if not m["counted"]:
+        return head + f"not read, {m['error']}"
+    reserved = ", ".join(f"{x['name']} {format_bytes(x['size_vram'])}" for x in m["reserved"])
+    kept = (f"; {format_bytes(m['reserved_bytes'])} kept for unloaded models ({reserved})"
+            if m["reserved"] else "; nothing kept for unloaded models")
+    if not m["reachable"]:
+        return head + f"unreachable ({m['error']}), loaded models unknown" + kept
+    loaded = ", ".join(f"{x['name']} {format_bytes(x['size_vram'])}" for x in m["models"])
+    return (head + f"{len(m['models'])} loaded" + (f" ({loaded})" if loaded else "")
+            + f", holding {format_bytes(m['held_bytes'])}" + kept)
 
 
 def _supervisor_view(

@@ -212,6 +212,7 @@
     renderChecks(s);
     renderQueues(s);
     renderPlan(s);
+    renderModels(s);
     renderChildren(s);
     renderRunning(s);
     renderFailures(s);
@@ -306,6 +307,32 @@
       h("span", { class: "small muted", text: pct + "% in use" }));
   }
 
+  // One model server on our GPUs: its loaded models hold memory (already "in use" on the
+  // GPU meters); models it unloaded keep their memory off the GPU budget.
+  function modelServer(m) {
+    const sized = (list) => list.map((x) => x.name + " " + fmtBytes(x.size_vram)).join(", ");
+    let state;
+    let detail;
+    if (!m.counted) {
+      state = h("span", { class: "tag", text: "not read" });
+      detail = m.error || "";
+    } else if (!m.reachable) {
+      state = h("span", { class: "tag warn", text: "unreachable" });
+      detail = (m.error || "no answer") + " · loaded models unknown";
+    } else {
+      state = h("span", { class: "tag info", text: "reachable" });
+      detail = m.models.length + " loaded" + (m.models.length ? ": " + sized(m.models) : "") +
+        " · holding " + fmtBytes(m.held_bytes);
+    }
+    const kept = m.counted ? h("span", { class: "small muted block model-reserved", text:
+      m.reserved.length ? fmtBytes(m.reserved_bytes) + " kept for unloaded models: " + sized(m.reserved) :
+        "nothing kept for unloaded models" }) : null;
+    return h("div", { class: "cap model-server", "data-url": m.url },
+      h("div", { class: "cap-label" }, h("strong", { text: "Model server" }), " ",
+        h("span", { text: m.url }), state),
+      h("span", { class: "small model-loaded", text: detail }), kept);
+  }
+
   function renderPlan(s) {
     const cap = $("capacity");
     const r = s.capacity.readings;
@@ -329,6 +356,7 @@
       }
       parts.push(h("div", { class: "cap" }, h("strong", { text: "CPUs" }), " ",
         h("span", { text: String(r.cpu_count) })));
+      for (const m of r.model_servers || []) parts.push(modelServer(m));
     }
     cap.replaceChildren(...parts);
 
@@ -358,6 +386,26 @@
         td("Restarts", num(t.plan.restarts), "num"),
         td("Actions", action, "act"));
     }));
+  }
+
+  function renderModels(s) {
+    const tbody = $("model-rows");
+    const models = s.models || [];
+    if (!models.length) return emptyRow(tbody, 10, "No model endpoint called yet.");
+    const secs = (v) => v === null ? "–" : (v < 10 ? v.toFixed(2) : v.toFixed(0)) + " s";
+    tbody.replaceChildren(...models.map((m) => h("tr",
+      { "data-endpoint": m.endpoint, "data-model": m.model },
+      td("Endpoint", m.endpoint),
+      td("Model", m.model),
+      td("Limit", h("span", {}, h("span", { class: "m-limit", text: String(m.limit) }),
+        h("span", { class: "small muted block", text: m.fixed ? "fixed" : "adaptive, max " + m.max_limit })), "num"),
+      td("In flight", String(m.in_flight), "num m-inflight"),
+      td("Latency", secs(m.latency_s), "num"),
+      td("Baseline", secs(m.baseline_s), "num"),
+      td("Queue share", m.wait_share === null ? "–" : Math.round(m.wait_share * 100) + "%", "num"),
+      td("Requests", num(m.requests), "num"),
+      td("Busy", num(m.busy), "num"),
+      td("Timeouts", num(m.timeouts), "num"))));
   }
 
   function renderChildren(s) {

@@ -341,6 +341,7 @@ class _ModelState:
     in_flight: int = 0
     max_concurrent: int = 0
     busy_s: float = 0.0
+    wait_s: float = 0.0  # seconds requests spent in line for a slot
     completed: int = 0
     active: dict[int, float] = field(default_factory=dict)
     expires_at: float | None = None  # None = not loaded; inf = forever
@@ -505,6 +506,7 @@ class FakeOllama:
                     "in_flight": st.in_flight, "queued": st.waiting,
                     "max_concurrent": st.max_concurrent, "completed": st.completed,
                     "busy_slot_seconds": round(st.busy_s + partial, 6),
+                    "wait_seconds": round(st.wait_s, 6),
                 }
             return {
                 "calls": calls,
@@ -515,6 +517,7 @@ class FakeOllama:
                 "max_queued": self._max_queued,
                 "completed": self._completed,
                 "busy_slot_seconds": round(self._busy_s + live_busy, 6),
+                "wait_seconds": round(sum(s.wait_s for s in self._models.values()), 6),
                 "elapsed_s": round(now - self._since, 6),
                 "slots": self.slots,
                 "models": per_model,
@@ -559,10 +562,12 @@ class FakeOllama:
                 st.waiting += 1
                 self._max_queued = max(self._max_queued,
                                        sum(s.waiting for s in self._models.values()))
+                queued_at = time.monotonic()
                 while st.slots_free <= 0 and not self._stopping.is_set():
                     st.cond.wait(0.5)  # the timeout only bounds a missed stop()
                     st = self._models[name]  # reset() may have swapped the record
                 st.waiting -= 1
+                st.wait_s += time.monotonic() - queued_at
             st.slots_free -= 1
             st.in_flight += 1
             st.max_concurrent = max(st.max_concurrent, st.in_flight)
@@ -723,6 +728,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self._is_load_only(req):
             self._load_or_unload(req)
             return
+        arrived = time.monotonic()
         ticket = fake._acquire(model)
         if ticket is None:
             self._error(503, ERR_MAX_QUEUE, openai)
@@ -743,7 +749,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         # The client may have given up (its timeout) while the slot was busy.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._answer(req, content, time.monotonic() - started)
+            self._answer(req, content, time.monotonic() - started, started - arrived)
 
     # requests
 
@@ -832,7 +838,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # responses
 
-    def _answer(self, req: FakeRequest, content: str, spent_s: float) -> None:
+    def _answer(self, req: FakeRequest, content: str, spent_s: float, waited_s: float = 0.0) -> None:
         body = req.body
         prompt_tokens = max(1, len(req.text.split()))
         eval_tokens = max(1, len(content.split()))
@@ -840,7 +846,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer_openai(req, content, prompt_tokens, eval_tokens)
             return
         ns = int(spent_s * 1e9)
-        stats = {"total_duration": ns + 1000, "load_duration": 1000,
+        # As Ollama's: total_duration runs from the request's arrival, so it includes the
+        # time spent in line for a slot; the eval durations are the slot's own work.
+        stats = {"total_duration": int(waited_s * 1e9) + ns + 1000, "load_duration": 1000,
                  "prompt_eval_count": prompt_tokens, "prompt_eval_duration": ns // 4,
                  "eval_count": eval_tokens, "eval_duration": ns - ns // 4}
         chat = req.endpoint == "/api/chat"

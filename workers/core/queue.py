@@ -213,8 +213,7 @@ def enqueue_copy(conn: psycopg.Connection, jobs: Iterable[NewJob]) -> int:
 
 # --- lease -----------------------------------------------------------------------------
 
-_LEASE = """
-WITH suspect AS (
+_LEASE_SUSPECT = """suspect AS (
     -- A suspect only for a process that holds nothing else, and then nothing more.
     SELECT id FROM jobvisor.jobs
     WHERE %(alone)s AND job_type = %(type)s AND status = 'queued' AND suspect
@@ -222,14 +221,18 @@ WITH suspect AS (
     ORDER BY priority DESC, visible_at, id
     LIMIT 1
     FOR UPDATE SKIP LOCKED
-), plain AS (
+)"""
+
+_LEASE_PLAIN = """plain AS (
     SELECT id FROM jobvisor.jobs
     WHERE job_type = %(type)s AND status = 'queued' AND visible_at <= now() AND NOT suspect
       AND NOT EXISTS (SELECT 1 FROM suspect)
     ORDER BY priority DESC, visible_at, id
     LIMIT %(n)s
     FOR UPDATE SKIP LOCKED
-)
+)"""
+
+_LEASE_UPDATE = """
 UPDATE jobvisor.jobs j
 SET status = 'leased', lease_key = gen_random_uuid(), leased_by = %(by)s,
     leased_until = now() + make_interval(secs => %(lease)s),
@@ -247,6 +250,74 @@ WHERE j.id = ANY(ARRAY(SELECT id FROM suspect UNION ALL SELECT id FROM plain))
 RETURNING j.id, j.job_type, j.payload::text, j.attempts, j.max_attempts, j.lease_key,
           j.priority, j.batch_id, j.suspect
 """
+
+_LEASE = f"WITH {_LEASE_SUSPECT}, {_LEASE_PLAIN}{_LEASE_UPDATE}"
+
+# --- fair share (sql/009, docs/fair_share.md) ---
+# A fair type's keyed jobs in tag order, through jobs_fair_lease_order: priority strict,
+# then the start tags that interleave the keys (NULL first: keyed after being queued,
+# before the type was fair), then id. The same index-ordered SKIP LOCKED scan as FIFO's.
+_FAIR_ORDER = "priority DESC, fair_tag NULLS FIRST, id"
+
+_LEASE_FAIR_PLAIN = f"""plain AS (
+    SELECT id FROM jobvisor.jobs
+    WHERE job_type = %(type)s AND status = 'queued' AND fair_key IS NOT NULL
+      AND visible_at <= now() AND NOT suspect
+      AND NOT EXISTS (SELECT 1 FROM suspect)
+    ORDER BY {_FAIR_ORDER}
+    LIMIT %(n)s
+    FOR UPDATE SKIP LOCKED
+)"""
+
+_LEASE_FAIR = f"WITH {_LEASE_SUSPECT}, {_LEASE_FAIR_PLAIN}{_LEASE_UPDATE}"
+
+# With max_running_per_key, under the type's lease lock (see `lease`): of the first
+# %(scan)s jobs in fair order, those whose key stays within its limit, counting the
+# key's leased jobs (prefetched ones too) and the jobs before it in this batch; the
+# first %(n)s of them are locked (SKIP LOCKED) and leased. A suspect obeys the limit too.
+# A key at its limit is passed over, so its slots go to other keys, or stay idle.
+_LEASE_FAIR_LIMITED = f"""
+WITH running AS (
+    -- The type's leased jobs by key, through jobs_leased: as many rows as run, however
+    -- many of a key are queued (no key condition, so not jobs_fair_keys' range).
+    SELECT fair_key, count(*) AS n FROM jobvisor.jobs
+    WHERE job_type = %(type)s AND status = 'leased'
+    GROUP BY fair_key
+), suspect AS (
+    SELECT s.id FROM jobvisor.jobs s
+    WHERE %(alone)s AND s.job_type = %(type)s AND s.status = 'queued' AND s.suspect
+      AND s.visible_at <= now()
+      AND coalesce((SELECT r.n FROM running r WHERE r.fair_key = s.fair_key), 0)
+          < %(per_key)s
+    ORDER BY s.priority DESC, s.visible_at, s.id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), cand AS (
+    SELECT id, fair_key, priority, fair_tag FROM jobvisor.jobs
+    WHERE job_type = %(type)s AND status = 'queued' AND fair_key IS NOT NULL
+      AND visible_at <= now() AND NOT suspect
+      AND NOT EXISTS (SELECT 1 FROM suspect)
+    ORDER BY {_FAIR_ORDER}
+    LIMIT %(scan)s
+), chosen AS (
+    SELECT c.id FROM (
+        SELECT id, fair_key, priority, fair_tag,
+               row_number() OVER (PARTITION BY fair_key ORDER BY {_FAIR_ORDER}) AS nth
+        FROM cand) c
+    LEFT JOIN running r ON r.fair_key = c.fair_key
+    WHERE c.nth + coalesce(r.n, 0) <= %(per_key)s
+    ORDER BY c.priority DESC, c.fair_tag NULLS FIRST, c.id
+    LIMIT %(n)s
+), plain AS (
+    SELECT id FROM jobvisor.jobs
+    WHERE id = ANY (ARRAY(SELECT id FROM chosen)) AND status = 'queued'
+    FOR UPDATE SKIP LOCKED
+){_LEASE_UPDATE}"""
+
+
+def fair_scan(n: int) -> int:
+    """How many queued jobs a lease with max_running_per_key looks at for `n` slots."""
+    return min(4 * n + 64, 10_000)
 
 _SUSPECT_WAITING = """
 SELECT EXISTS (SELECT 1 FROM jobvisor.jobs
@@ -275,6 +346,8 @@ def lease(
     lease_seconds: float,
     global_limit: int | None = None,
     alone: bool = False,
+    fair: bool = False,
+    per_key_limit: int | None = None,
 ) -> list[LeasedJob]:
     """Lease up to `n` jobs of one type: highest priority first, then oldest.
 
@@ -282,22 +355,33 @@ def lease(
     the caller must lease nothing more while it holds a suspect. With `global_limit`,
     leasing of this type is serialised by an advisory lock so the number of leased jobs
     across every host never exceeds it.
+
+    With `fair` (a type with `fair_by`), the keyed jobs go by their start tags instead
+    of their age (docs/fair_share.md); with `per_key_limit` (max_running_per_key, which
+    implies `fair`) no key ever has more leased jobs than that, on all hosts together:
+    leasing is serialised by the same advisory lock as `global_limit`'s.
     """
     if n <= 0:
         return []
     params = {"type": job_type, "n": n, "by": worker_id, "lease": float(lease_seconds),
               "alone": alone}
-    if global_limit is None:
-        rows = conn.execute(_LEASE, params).fetchall()
+    sql = _LEASE_FAIR if fair else _LEASE
+    if per_key_limit is not None:
+        sql = _LEASE_FAIR_LIMITED
+        params["per_key"] = per_key_limit
+    if global_limit is None and per_key_limit is None:
+        rows = conn.execute(sql, params).fetchall()
     else:
         with conn.transaction():
             conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext('jobvisor.lease'), hashtext(%s))",
                 (job_type,),
             )
-            (held,) = conn.execute(_LEASED_COUNT, params).fetchone()
-            params["n"] = max(0, min(n, global_limit - held))
-            rows = conn.execute(_LEASE, params).fetchall() if params["n"] else []
+            if global_limit is not None:
+                (held,) = conn.execute(_LEASED_COUNT, params).fetchone()
+                params["n"] = max(0, min(n, global_limit - held))
+            params["scan"] = fair_scan(params["n"])
+            rows = conn.execute(sql, params).fetchall() if params["n"] else []
     jobs = []
     for r in rows:
         payload, error = _decode_payload(r[2])
@@ -818,7 +902,11 @@ WITH target AS (
     UPDATE jobvisor.jobs j
     SET status = 'queued', attempts = 0, visible_at = now(), finished_at = NULL,
         cancel_requested = false, error_code = NULL, error_message = NULL,
-        result = NULL, progress = NULL, progress_note = NULL, updated_at = now()
+        result = NULL, progress = NULL, progress_note = NULL, updated_at = now(),
+        -- A job that failed before its type was fair comes back with a key (sql/009).
+        fair_key = coalesce(j.fair_key, (SELECT jobvisor.fair_key_of(j.payload, f.path)
+                                         FROM jobvisor.fair_types f
+                                         WHERE f.job_type = j.job_type))
     FROM target t
     WHERE j.id = t.id
     RETURNING j.id, j.job_type, t.status AS was
@@ -873,6 +961,46 @@ def prune(conn: psycopg.Connection, retention: dict[str, float], *, limit: int =
             if n < limit:
                 break
     return removed
+
+
+# --- fair share configuration (supervisor; sql/009) ------------------------------------
+
+@dataclass(frozen=True)
+class FairShare:
+    """A type's `fair_by` settings: the payload field (dots for nested fields), weights
+    by key (default 1) and the optional cap on leased jobs per key."""
+
+    field: str
+    weights: dict[str, float] = field(default_factory=dict)
+    max_running_per_key: int | None = None
+
+
+def configure_fair_share(conn: psycopg.Connection, types: dict[str, FairShare],
+                         served: Iterable[str]) -> bool:
+    """Make `jobvisor.fair_types` say what `types` says for the types in `served` (the
+    ones the caller configures; other rows are left alone). Returns whether the set of
+    fair types changed, which takes a lock on the jobs for a moment (see sql/009);
+    psycopg.errors.LockNotAvailable when that lock did not come within 2 s."""
+    spec = {name: {"field": f.field, "weights": dict(f.weights),
+                   "max_running_per_key": f.max_running_per_key}
+            for name, f in types.items()}
+    row = conn.execute("SELECT jobvisor.configure_fair_share(%s, %s)",
+                       (Jsonb(spec), sorted(set(served) | set(types)))).fetchone()
+    return bool(row[0])
+
+
+def key_fair_backlog(conn: psycopg.Connection, limit: int = 5000) -> tuple[int, bool]:
+    """Key up to `limit` per type of the live jobs queued before their type was fair;
+    returns (how many, whether some type may still have more)."""
+    pending = [r[0] for r in conn.execute(
+        "SELECT job_type FROM jobvisor.fair_types WHERE NOT backlog_done ORDER BY job_type")]
+    keyed = 0
+    for job_type in pending:
+        keyed += conn.execute("SELECT jobvisor.fair_key_backlog(%s, %s)",
+                              (job_type, limit)).fetchone()[0]
+    more = bool(pending) and bool(conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM jobvisor.fair_types WHERE NOT backlog_done)").fetchone()[0])
+    return keyed, more
 
 
 # --- reading -----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 
-from workers.core import plugins, queue
+from workers.core import model_gate, plugins, queue
 from workers.core.context import Job, JobContext
 from workers.core.errors import Cancelled, JobError, PermanentError, TransientError
 from workers.core.logs import frames
@@ -111,6 +111,9 @@ class WorkerSettings:
     backoff: float = 5.0
     max_backoff: float = 600.0
     global_concurrency: int | None = None
+    # The type has fair_by: lease by fair share between keys (docs/fair_share.md).
+    fair: bool = False
+    max_running_per_key: int | None = None
     # False: completed jobs are deleted as they complete (no history; see queue.complete_many).
     keep_completed: bool = True
     options: dict[str, Any] = field(default_factory=dict)
@@ -169,6 +172,9 @@ class Runtime:
         self.acks: list[tuple[_Running, str | None]] = []
         self.acks_since: float | None = None  # when the oldest waiting ack arrived
         self.suspects_held = 0  # held jobs that are suspects (then nothing else is leased)
+        # The last lease got fewer jobs than asked because keys were at max_running_per_key:
+        # each job this process finishes may free its key, so it leases again at once.
+        self.capped = False
         self.owed: list[tuple[_Running, Write]] = []
         self.unstarted: list[_Running] = []
         self.control: psycopg.Connection | None = None
@@ -193,6 +199,8 @@ class Runtime:
     # --- lifecycle ------------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
+        # Model endpoint limits are shared through this database (workers/core/model_gate.py).
+        model_gate.configure(self.dsn)
         self.pool.open(wait=True, timeout=30)
         self.control = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
         for i in range(self.s.concurrency):
@@ -392,8 +400,11 @@ class Runtime:
 
     def _settle(self, run: _Running, outcome: str | None, code: str | None = None) -> None:
         """The job's outcome is written (or it is no longer ours): forget it."""
-        if self.held.pop(run.id, None) is not None and run.leased.suspect:
+        held = self.held.pop(run.id, None)
+        if held is not None and run.leased.suspect:
             self.suspects_held -= 1
+        if held is not None and self.capped:
+            self.notified = True
         if outcome == "lost":
             log.warning("lease_lost", extra={"job_id": run.id, "stage": "complete"})
         elif outcome is not None and outcome != "put_back":
@@ -481,8 +492,9 @@ class Runtime:
         jobs = queue.lease(
             self.db, self.s.job_type, n, worker_id=self.s.worker_id,
             lease_seconds=self.s.lease, global_limit=self.s.global_concurrency,
-            alone=not self.held,
+            alone=not self.held, fair=self.s.fair, per_key_limit=self.s.max_running_per_key,
         )
+        self.capped = self.s.max_running_per_key is not None and len(jobs) < n
         until = time.monotonic() + self.s.lease
         for lj in jobs:
             if lj.payload_error is not None:

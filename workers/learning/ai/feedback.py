@@ -5,8 +5,10 @@ Backends:
   criterion's words with the text. Its markdown opens with a line saying it is a
   placeholder (`> **Platzhalter …**` / `> **Placeholder …**`).
 - `dspy`: a typed DSPy signature on Ollama's OpenAI-compatible endpoint (`/v1`).
-  When DSPy fails for any reason, a WARN is logged (error class and code only)
-  and the `ollama` path runs instead.
+  When DSPy fails to parse the answer or to set itself up, a WARN is logged (error
+  class and code only) and the `ollama` path runs instead. When the server itself
+  fails (503/429 busy, a timeout, another 5xx, no connection) the job is retried by
+  the queue with backoff instead: a second request to a busy server helps no one.
 - `ollama`: one direct `/api/chat` call with a JSON schema in `format`.
 
 `analysis` follows `criteria.v2`::
@@ -43,6 +45,7 @@ from typing import Any, Literal
 
 import pydantic
 
+from workers.core import model_gate
 from workers.core.errors import PermanentError, TransientError
 from workers.learning.ai import ai_backend, ollama
 
@@ -270,7 +273,9 @@ def write_feedback(
     if backend == "dspy":
         try:
             return _dspy(text, criteria, settings)
-        except Exception as exc:  # noqa: BLE001 - any DSPy failure means: use the direct path
+        except TransientError:
+            raise  # the server is busy, down or slow: the direct path would hit it again
+        except Exception as exc:  # noqa: BLE001 - parsing or configuration: use the direct path
             # Class and code only: DSPy's messages can quote the model's answer.
             log.warning("feedback_dspy_failed", extra={
                 "error_class": type(exc).__name__,
@@ -341,14 +346,57 @@ def _dspy(text: str, criteria: list[str], settings: FeedbackSettings) -> Feedbac
     # No JSONAdapter retry on a parse failure: our fallback is a schema-constrained
     # Ollama call, which is likelier to parse, for the same one extra inference.
     adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
-    with dspy.context(lm=_lm(settings), adapter=adapter, disable_history=True):
-        prediction = dspy.Predict(_feedback_signature(settings.language))(
-            text=text, criteria=list(criteria))
+    try:
+        with model_gate.gate().call(settings.base_url, settings.model,
+                                    wait=settings.timeout[1]) as call:
+            try:
+                with dspy.context(lm=_lm(settings), adapter=adapter, disable_history=True):
+                    prediction = dspy.Predict(_feedback_signature(settings.language))(
+                        text=text, criteria=list(criteria))
+            except Exception as exc:
+                kind = _server_failure(exc)
+                if kind is None:
+                    raise
+                if kind == "busy":
+                    call.busy()
+                elif kind == "timeout":
+                    call.timeout()
+                else:
+                    call.down()
+                status = getattr(exc, "status", None)
+                raise TransientError(RETRY_CODE, f"dspy: model server {kind}"
+                                     f"{f' ({status})' if status else ''}, "
+                                     f"model={settings.model}") from None
+            call.ok()  # /v1 reports no durations: the round trip against its baseline
+    except model_gate.NoToken as exc:
+        raise TransientError(RETRY_CODE, f"{exc} (the endpoint's limit is in use)") from None
     items = [
         i if isinstance(i, CriterionAssessment) else CriterionAssessment.model_validate(i)
         for i in prediction.analysis
     ]
     return FeedbackResult(str(prediction.feedback_md).strip(), _analysis(criteria, items), "dspy")
+
+
+def _server_failure(exc: BaseException) -> str | None:
+    """What a DSPy error says of the model server: "busy" (503/429), "timeout", "down"
+    (another 5xx, a refused or dropped connection); None for anything else (parsing,
+    configuration, a rejected request), which the direct path may well get past."""
+    from dspy.utils import exceptions as lm_errors
+
+    if isinstance(exc, lm_errors.LMRateLimitError):
+        return "busy"
+    if isinstance(exc, lm_errors.LMServerError):
+        return "busy" if getattr(exc, "status", None) in ollama.BUSY_STATUSES else "down"
+    if isinstance(exc, lm_errors.LMTimeoutError):
+        return "timeout"
+    if isinstance(exc, lm_errors.LMTransportError):
+        cause: BaseException | None = exc
+        while cause is not None:  # lm15 wraps a read timeout as a transport error
+            if isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__:
+                return "timeout"
+            cause = cause.__cause__ or cause.__context__
+        return "down"
+    return None
 
 
 def _lm(settings: FeedbackSettings) -> Any:

@@ -7,6 +7,10 @@ permanent ones at once):
   429, and a 200 whose body is not the expected JSON → `TransientError(retry_code)`;
 - 404 (model not pulled), 400 and other 4xx → `PermanentError(fail_code)`.
 
+Every request holds a token of its (server, model) from `workers.core.model_gate`, whose
+limit follows what the server shows: a 503/429 or a read timeout lowers it, and the
+answer's durations say how long the request waited in the server's queue.
+
 Messages carry the status, the model name and a short reason only: never the
 prompt, the images or the response body, which may contain student text.
 """
@@ -22,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from workers.core import model_gate
 from workers.core.errors import PermanentError, TransientError
 
 DEFAULT_BASE_URL = "http://localhost:11434"
@@ -29,6 +34,8 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 120.0
 
 Timeout = tuple[float, float]  # (connect, read) seconds
+# "Server busy": Ollama's full queue (503) and a proxy's rate limit (429) lower the limit.
+BUSY_STATUSES = (503, 429)
 
 _client_lock = threading.Lock()
 _client: httpx.Client | None = None
@@ -141,12 +148,30 @@ def chat(
     limits = httpx.Timeout(connect=connect, read=read, write=read, pool=connect)
     url = base_url.rstrip("/") + "/api/chat"
     try:
-        response = _shared_client().post(url, json=body, timeout=limits)
-    except httpx.TimeoutException as exc:
-        raise TransientError(retry_code, f"ollama {_timeout_kind(exc)} timeout, model={model}") from None
-    except httpx.TransportError as exc:
-        raise TransientError(retry_code, f"ollama unreachable ({type(exc).__name__}), model={model}") from None
-    return _content(response, model, retry_code, fail_code)
+        # A token of this (server, model) for the request's time: the limit the gate finds.
+        with model_gate.gate().call(base_url, model, wait=read) as call:
+            try:
+                response = _shared_client().post(url, json=body, timeout=limits)
+            except httpx.TimeoutException as exc:
+                if isinstance(exc, httpx.ConnectTimeout):
+                    call.down()  # no answer at all: not a slow server, maybe a restarting one
+                elif not isinstance(exc, httpx.PoolTimeout):  # our own pool: not the server
+                    call.timeout()
+                raise TransientError(
+                    retry_code, f"ollama {_timeout_kind(exc)} timeout, model={model}") from None
+            except httpx.TransportError as exc:
+                call.down()
+                raise TransientError(
+                    retry_code, f"ollama unreachable ({type(exc).__name__}), model={model}") from None
+            if response.status_code in BUSY_STATUSES:
+                call.busy()
+            elif response.status_code >= 500:
+                call.down()
+            content, answer = _content(response, model, retry_code, fail_code)
+            call.ok(server_wait=model_gate.ollama_server_wait(answer))
+            return content
+    except model_gate.NoToken as exc:
+        raise TransientError(retry_code, f"{exc} (the endpoint's limit is in use)") from None
 
 
 def _timeout_kind(exc: httpx.TimeoutException) -> str:
@@ -154,7 +179,9 @@ def _timeout_kind(exc: httpx.TimeoutException) -> str:
             httpx.WriteTimeout: "write", httpx.PoolTimeout: "pool"}.get(type(exc), "")
 
 
-def _content(response: httpx.Response, model: str, retry_code: str, fail_code: str) -> str:
+def _content(response: httpx.Response, model: str, retry_code: str,
+             fail_code: str) -> tuple[str, dict[str, Any]]:
+    """The assistant's text and the whole answer (its durations feed the gate)."""
     status = response.status_code
     if status == 404:
         raise PermanentError(fail_code, f"ollama 404: model {model} not found")
@@ -169,4 +196,4 @@ def _content(response: httpx.Response, model: str, retry_code: str, fail_code: s
         raise TransientError(retry_code, f"ollama {status}: malformed response, model={model}") from None
     if not isinstance(content, str):
         raise TransientError(retry_code, f"ollama {status}: malformed response, model={model}")
-    return content
+    return content, data
