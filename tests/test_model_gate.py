@@ -537,3 +537,19 @@ def test_a_worker_refuses_a_bad_limit_setting_at_start_naming_it(worker_env) -> 
     assert out.returncode == 2
     assert "AI_MODEL_LIMIT must be adaptive, off or a whole number from 1 to 1024, got 'lots'" \
         in out.stderr
+
+
+def test_a_token_that_cannot_be_given_back_is_dropped_with_its_connection(
+        db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were the unlock to fail and the session live on, the token would stay taken for
+    good: the gate drops that connection instead, and PostgreSQL frees its tokens."""
+    from workers.core import model_store
+
+    a, b = _db_gate(db_dsn, Policy("fixed", 1, 32)), _db_gate(db_dsn, Policy("fixed", 1, 32))
+    ticket = a.acquire("http://gpu:11434", MODEL, 1.0)
+    monkeypatch.setattr(model_store, "GIVE", "SELECT 1 / (%(k)s::int - %(k)s::int)")
+    a.release(ticket, None, None)
+    assert a.db is not None and a.db.conn is None
+    other = b.acquire("http://gpu:11434", MODEL, 10.0)
+    assert other.slot == 0
+    b.release(other, None, None)

@@ -273,8 +273,14 @@ class ModelGate:
             if ticket.slot is not None and ticket.epoch == self._epoch():
                 lim.held.discard(ticket.slot)
                 if self.db is not None:
-                    with self._db_lock, contextlib.suppress(psycopg.Error):
-                        self.db.run(store.GIVE, {"k": lim.lock_id, "slot": ticket.slot})
+                    with self._db_lock:
+                        try:
+                            self.db.run(store.GIVE, {"k": lim.lock_id, "slot": ticket.slot})
+                        except psycopg.Error as exc:
+                            # A token this session could not give back would stay held by
+                            # it: drop the connection, and every token of it with it.
+                            if self.db.conn is not None:
+                                self.db.lost(exc)
             lim.cond.notify()
             self._observe(lim, ticket, outcome, rtt, server_wait)
 
