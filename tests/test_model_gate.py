@@ -21,7 +21,7 @@ from psycopg.conninfo import make_conninfo
 from tests.fakes.ollama import FakeOllama
 from tests.helpers import counts, start_worker, stop, wait_for
 from tests.supervisor_harness import REPO
-from workers.core import model_gate
+from workers.core import model_gate, model_store
 from workers.core import queue as q
 from workers.core.errors import TransientError
 from workers.core.model_gate import ModelGate, Policy, Ticket
@@ -164,9 +164,10 @@ def test_a_fall_from_a_limit_that_had_held_probes_again_soon() -> None:
     assert _limit(g, lim) == 3 and row["backoff"] == 8.0
     _settled(lim)
     _probe_now(g, lim)
+    g.local.clock = lambda: 1000.0  # the store's clock, fixed: the wait it sets is exact
     _feed(g, lim, 3, wait=0.25)  # 3 had held; now it queues: down, the wait as it was
     assert _limit(g, lim) == 2 and row["backoff"] == 8.0
-    assert row["next_probe"] - time.monotonic() <= 2.0
+    assert row["next_probe"] == 1000.0 + model_store.PROBE_BACKOFF_MIN_S
 
 
 def test_a_server_that_stops_answering_may_be_probed_at_once() -> None:
@@ -543,7 +544,6 @@ def test_a_token_that_cannot_be_given_back_is_dropped_with_its_connection(
         db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Were the unlock to fail and the session live on, the token would stay taken for
     good: the gate drops that connection instead, and PostgreSQL frees its tokens."""
-    from workers.core import model_store
 
     a, b = _db_gate(db_dsn, Policy("fixed", 1, 32)), _db_gate(db_dsn, Policy("fixed", 1, 32))
     ticket = a.acquire("http://gpu:11434", MODEL, 1.0)

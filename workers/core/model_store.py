@@ -96,6 +96,7 @@ class LocalStore:
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], dict[str, Any]] = {}
+        self.clock = time.monotonic  # when the next probe may come is read on this clock
 
     def ensure(self, e: str, m: str, k: int, policy: Any) -> Row:
         row = self.rows.setdefault((e, m), {"lim": policy.initial, "version": 0,
@@ -117,7 +118,7 @@ class LocalStore:
         row["lim"] = max(1, min(row["lim"] - 1, target))
         row["version"] += 1
         probe_back = row["last"] == "up"
-        row["next_probe"] = time.monotonic() + (row["backoff"] if probe_back
+        row["next_probe"] = self.clock() + (row["backoff"] if probe_back
                                                 else PROBE_BACKOFF_MIN_S)
         if probe_back:
             row["backoff"] = min(PROBE_BACKOFF_MAX_S, row["backoff"] * PROBE_BACKOFF_GROWTH)
@@ -131,7 +132,7 @@ class LocalStore:
     def up(self, e: str, m: str, v: int) -> Row | None:
         row = self.rows[(e, m)]
         if (row["version"] != v or row["fixed"] or row["lim"] >= row["max"]
-                or time.monotonic() < row["next_probe"]):
+                or self.clock() < row["next_probe"]):
             return None
         row["lim"] += 1
         row["version"] += 1
