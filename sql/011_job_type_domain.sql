@@ -15,7 +15,7 @@
 --
 -- PostgreSQL refuses to change the type of a column that a trigger's WHEN names (ours in
 -- sql/009, a plug-in's such as learning's). Those triggers are dropped and re-created
--- from their own definitions in this same transaction. A view or policy on
+-- from their own definitions in this same transaction, enabled or disabled as they were. A view or policy on
 -- jobvisor.jobs that names job_type makes this migration fail as a whole, with
 -- PostgreSQL's error naming it; nothing is changed then.
 
@@ -25,12 +25,14 @@ DO $$
 DECLARE
     v_defs text[];
     v_names text[];
-    v_def text;
+    v_states "char"[];
+    v_i int;
     v_name text;
 BEGIN
     SELECT coalesce(array_agg(pg_catalog.pg_get_triggerdef(t.oid) ORDER BY t.tgname), '{}'),
-           coalesce(array_agg(t.tgname::text ORDER BY t.tgname), '{}')
-    INTO v_defs, v_names
+           coalesce(array_agg(t.tgname::text ORDER BY t.tgname), '{}'),
+           coalesce(array_agg(t.tgenabled ORDER BY t.tgname), '{}')
+    INTO v_defs, v_names, v_states
     FROM pg_catalog.pg_trigger t
     WHERE t.tgrelid = 'jobvisor.jobs'::regclass AND NOT t.tgisinternal
       AND t.tgqual IS NOT NULL;
@@ -38,8 +40,12 @@ BEGIN
         EXECUTE format('DROP TRIGGER %I ON jobvisor.jobs', v_name);
     END LOOP;
     ALTER TABLE jobvisor.jobs ALTER COLUMN job_type TYPE jobvisor.job_type_name;
-    FOREACH v_def IN ARRAY v_defs LOOP
-        EXECUTE v_def;
+    FOR v_i IN 1 .. coalesce(array_length(v_defs, 1), 0) LOOP
+        EXECUTE v_defs[v_i];
+        -- as it was: disabled, or enabled for replicas only or always ('O' is the default)
+        EXECUTE format('ALTER TABLE jobvisor.jobs %s TRIGGER %I',
+                       CASE v_states[v_i] WHEN 'D' THEN 'DISABLE' WHEN 'R' THEN 'ENABLE REPLICA'
+                            WHEN 'A' THEN 'ENABLE ALWAYS' ELSE 'ENABLE' END, v_names[v_i]);
     END LOOP;
 END
 $$;

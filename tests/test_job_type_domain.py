@@ -49,6 +49,10 @@ def test_a_leased_job_reads_its_type_as_text(db):
     assert q.complete(db, job.id, job.lease_key, {"ok": True})
 
 
+_TRIGGERS = ("SELECT tgname::text, tgenabled::text FROM pg_trigger"
+             " WHERE tgrelid = 'jobvisor.jobs'::regclass AND NOT tgisinternal ORDER BY 1")
+
+
 def test_upgrade_keeps_the_jobs_and_the_triggers_that_name_job_type(empty_dsn, tmp_path):
     before = tmp_path / "sql"
     before.mkdir()
@@ -67,16 +71,17 @@ def test_upgrade_keeps_the_jobs_and_the_triggers_that_name_job_type(empty_dsn, t
             $$ BEGIN INSERT INTO public.seen VALUES (NEW.id); RETURN NULL; END $$;
             CREATE TRIGGER plugin_seen AFTER UPDATE OF status ON jobvisor.jobs
                 FOR EACH ROW WHEN (NEW.job_type IN ('alpha', 'beta'))
-                EXECUTE FUNCTION public.seen_job();""")
-        triggers_before = conn.execute(
-            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'jobvisor.jobs'::regclass"
-            " AND NOT tgisinternal ORDER BY 1").fetchall()
+                EXECUTE FUNCTION public.seen_job();
+            CREATE TRIGGER plugin_off AFTER UPDATE OF status ON jobvisor.jobs
+                FOR EACH ROW WHEN (NEW.job_type = 'alpha') EXECUTE FUNCTION public.seen_job();
+            ALTER TABLE jobvisor.jobs DISABLE TRIGGER plugin_off;""")
+        triggers_before = conn.execute(_TRIGGERS).fetchall()
     shutil.copy(sql_dir() / "011_job_type_domain.sql", before / "011_job_type_domain.sql")
     assert migrate(dsn, before) == ["011_job_type_domain"]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute(
-            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'jobvisor.jobs'::regclass"
-            " AND NOT tgisinternal ORDER BY 1").fetchall() == triggers_before
+        # every trigger back, each enabled or disabled as before (plugin_off stays off)
+        assert conn.execute(_TRIGGERS).fetchall() == triggers_before
+        assert ("plugin_off", "D") in triggers_before
         assert _table_checks_naming_job_type(conn) == []
         jobs = q.lease(conn, "alpha", 5, worker_id="w", lease_seconds=30)
         assert sorted(j.payload["i"] for j in jobs) == list(range(5))
