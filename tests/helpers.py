@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,3 +71,15 @@ def log_events(text: str, name: str) -> list[dict[str, Any]]:
         if isinstance(rec, dict) and rec.get("event") == name:
             out.append(rec)
     return out
+
+
+def core_migrations_before(version: int, folder: Path) -> Path:
+    """A copy of the core's migrations numbered below `version` in `folder` (made), to
+    migrate a database as an older jobvisor left it; copy the next one in to upgrade."""
+    from supervisor_app.migrate import sql_dir
+
+    folder.mkdir()
+    for path in sorted(sql_dir().glob("*.sql")):
+        if int(path.name[:3]) < version:
+            shutil.copy(path, folder / path.name)
+    return folder

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from supervisor_app.migrate import migrate, sql_dir
+from tests.helpers import core_migrations_before
 from workers.core import queue as q
 
 _BRUTE = """
@@ -291,11 +292,7 @@ def test_periodic_queries_read_no_finished_job_they_do_not_change(db):
 
 
 def test_migration_counts_the_finished_jobs_already_there(empty_dsn, tmp_path):
-    before = tmp_path / "sql"
-    before.mkdir()
-    for path in sorted(sql_dir().glob("*.sql")):
-        if int(path.name[:3]) < 7:
-            shutil.copy(path, before / path.name)
+    before = core_migrations_before(7, tmp_path / "sql")
     dsn = empty_dsn
     assert migrate(dsn, before)[-1] == "006_runtime_edges"
     with psycopg.connect(dsn, autocommit=True) as conn:

@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from supervisor_app.migrate import migrate, sql_dir
+from tests.helpers import core_migrations_before
 from workers.core import queue as q
 
 
@@ -54,11 +55,7 @@ _TRIGGERS = ("SELECT tgname::text, tgenabled::text FROM pg_trigger"
 
 
 def test_upgrade_keeps_the_jobs_and_the_triggers_that_name_job_type(empty_dsn, tmp_path):
-    before = tmp_path / "sql"
-    before.mkdir()
-    for path in sorted(sql_dir().glob("*.sql")):
-        if int(path.name[:3]) < 11:
-            shutil.copy(path, before / path.name)
+    before = core_migrations_before(11, tmp_path / "sql")
     dsn = empty_dsn
     assert migrate(dsn, before)[-1] == "010_model_limits"
     with psycopg.connect(dsn, autocommit=True) as conn:
