@@ -9,15 +9,17 @@
 -- column (INSERT, COPY, an UPDATE that sets job_type), with the same rule and a clear
 -- error: `value for domain jobvisor.job_type_name violates check constraint ...`.
 --
--- No rewrite, no index rebuild: the domain is added without its constraint (text and
--- the domain are binary-compatible), then the constraint NOT VALID (every stored name
--- already passed the table CHECK it replaces), then that CHECK is dropped.
+-- The table is not rewritten: the domain is added without its constraint (text and the
+-- domain are binary-compatible), then the constraint NOT VALID (every stored name already
+-- passed the table CHECK it replaces), then that CHECK is dropped. The indexes on
+-- job_type are rebuilt, though (seen: new relfilenodes), while the table is held, so
+-- writes wait as for an index build (docs/runbook.md, Troubleshooting).
 --
 -- PostgreSQL refuses to change the type of a column that a trigger's WHEN names (ours in
 -- sql/009, a plug-in's such as learning's). Those triggers are dropped and re-created
--- from their own definitions in this same transaction, enabled or disabled as they were. A view or policy on
--- jobvisor.jobs that names job_type makes this migration fail as a whole, with
--- PostgreSQL's error naming it; nothing is changed then.
+-- from their own definitions in this same transaction, enabled or disabled as they
+-- were. A view or policy on jobvisor.jobs that names job_type makes this migration fail
+-- as a whole, with PostgreSQL's error naming it; nothing is changed then.
 
 CREATE DOMAIN jobvisor.job_type_name AS text;
 
