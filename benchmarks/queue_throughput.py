@@ -98,24 +98,33 @@ def _deleted_span(conn: psycopg.Connection, group: WorkerGroup, ids: tuple[int, 
                   timeout: float) -> tuple[datetime, datetime, datetime]:
     """With `--no-keep-completed` the completed rows are gone, and so are their times: poll
     (every POLL_S) what is left of the phase's jobs, on the database's clock. The first poll
-    that finds one leased (or gone) stands for the first lease and the first that finds
-    none left for the last completion, each late by up to one poll (the peers harness
-    times graphile-worker and PgQueuer the same way). A failed job would stay: none may."""
+    that finds the phase's first job no longer queued stands for the first lease (jobs of
+    one priority, enqueued in one transaction, are leased in id order), the first that
+    finds it gone for the first completion, and the first that finds no row of the phase
+    left for the last completion, each late by up to one poll (the peers harness times
+    graphile-worker and PgQueuer the same way). The probes are EXISTS lookups: counting
+    the phase's rows every 5 ms cost the server more than the workers' own statements
+    (seen: 640 ms of execution against 70 ms for the same run keeping its rows). A failed
+    job would stay: none may."""
     first_lease = first_done = None
     deadline = time.monotonic() + timeout
     while True:
         group.check_alive()
-        queued, left, now = conn.execute(
-            "SELECT count(*) FILTER (WHERE status = 'queued'), count(*), clock_timestamp()"
-            " FROM jobvisor.jobs WHERE id BETWEEN %s AND %s", ids).fetchone()
-        if first_lease is None and queued < n:
+        first_queued, first_left, left, now = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM jobvisor.jobs WHERE id = %(a)s AND status = 'queued'),"
+            " EXISTS (SELECT 1 FROM jobvisor.jobs WHERE id = %(a)s),"
+            " EXISTS (SELECT 1 FROM jobvisor.jobs WHERE id BETWEEN %(a)s AND %(b)s),"
+            " clock_timestamp()", {"a": ids[0], "b": ids[1]}).fetchone()
+        if first_lease is None and not first_queued:
             first_lease = now
-        if first_done is None and left < n:
+        if first_done is None and not first_left:
             first_done = now
-        if left == 0:
+        if not left:
             return first_lease or now, first_done or now, now
         if time.monotonic() > deadline:
-            raise BenchFailed(f"{left} of {n} jobs not done after {timeout:g}s")
+            remaining = conn.execute("SELECT count(*) FROM jobvisor.jobs WHERE id BETWEEN %s"
+                                     " AND %s", ids).fetchone()[0]
+            raise BenchFailed(f"{remaining} of {n} jobs not done after {timeout:g}s")
         time.sleep(POLL_S)
 
 

@@ -8,7 +8,8 @@ job's result. They are started with a long `--poll`, so only NOTIFY wakes them, 
 first job is enqueued only after pg_stat_activity shows every worker's listening
 connection idle in `LISTEN jobvisor_cancel`. Each job is enqueued alone (one
 `enqueue_many` call, autocommit) and `time.time()` is taken just before the call;
-latency = handler start − that moment. Both clocks are this machine's wall clock, so
+latency = handler start − that moment; `after_commit_*` count from the call's return
+instead (the producer's durable commit left out: the wake path alone). Both clocks are this machine's wall clock, so
 the database must be on this machine (loopback or unix socket).
 
 Reports median, p95 (nearest rank), p99, min, max and mean in ms. Progress goes to
@@ -88,6 +89,7 @@ def _measure(args: argparse.Namespace, db: BenchDatabase,
         time.sleep(SETTLE_S)
         progress(f"workers listening; enqueueing {args.n} jobs {args.interval_ms:g} ms apart")
         enqueued: dict[int, float] = {}
+        returned: dict[int, float] = {}  # the enqueue's commit has been acknowledged
         call_ms: list[float] = []
         interval = args.interval_ms / 1000
         t0 = time.monotonic() + interval
@@ -95,8 +97,9 @@ def _measure(args: argparse.Namespace, db: BenchDatabase,
             time.sleep(max(0.0, t0 + i * interval - time.monotonic()))
             before = time.time()
             (job_id,) = enqueue_many(conn, [NewJob(job_type, {"i": i})])
+            returned[job_id] = time.time()
             enqueued[job_id] = before
-            call_ms.append((time.time() - before) * 1000)
+            call_ms.append((returned[job_id] - before) * 1000)
         wait_done(conn, group, (min(enqueued), max(enqueued)), args.n, args.timeout)
     rows = conn.execute(
         "SELECT id, (result->>'t')::float8, extract(epoch FROM started_at)::float8"
@@ -108,11 +111,16 @@ def _measure(args: argparse.Namespace, db: BenchDatabase,
     # server's clock) → handler start.
     to_lease = sorted((leased - enqueued[job_id]) * 1000 for job_id, _, leased in rows)
     to_handler = sorted((t - leased) * 1000 for _, t, leased in rows)
+    # From the enqueue call's return (its commit acknowledged): the wake path alone. Below
+    # zero where a handler started before the producer read the commit's reply.
+    after = sorted((t - returned[job_id]) * 1000 for job_id, t, _ in rows)
     figures: dict[str, object] = {
         "median_ms": round(statistics.median(ms), 3), "p95_ms": round(nearest_rank(ms, 0.95), 3),
         "p99_ms": round(nearest_rank(ms, 0.99), 3), "min_ms": round(ms[0], 3),
         "max_ms": round(ms[-1], 3), "mean_ms": round(statistics.fmean(ms), 3),
         "enqueue_call_median_ms": round(statistics.median(call_ms), 3),
+        "after_commit_median_ms": round(statistics.median(after), 3),
+        "after_commit_p95_ms": round(nearest_rank(after, 0.95), 3),
         "to_lease_median_ms": round(statistics.median(to_lease), 3),
         "to_lease_p95_ms": round(nearest_rank(to_lease, 0.95), 3),
         "lease_to_handler_median_ms": round(statistics.median(to_handler), 3),

@@ -322,3 +322,45 @@ def test_migrations_are_idempotent_and_race_free(empty_dsn):
 def test_invalid_type_names_are_rejected_by_the_table(db, bad):
     with pytest.raises(psycopg.errors.CheckViolation):
         q.enqueue(db, q.NewJob(bad, {}))
+
+
+# Every column a producer sets, and the outcome columns the insert derives from them.
+_ENQUEUED_COLUMNS = ("job_type, payload, priority, max_attempts, idempotency_key, key_sticky,"
+                     " batch_id, callback_url, status, attempts, round(extract(epoch FROM"
+                     " visible_at - created_at)) AS delay_s")
+
+
+def test_one_job_and_many_jobs_are_stored_alike(db, monkeypatch):
+    """A single job goes in through its own one-row statement (queue._ENQUEUE_ONE): every
+    field must land as it does through the many-row one, and so must the refusals."""
+    from workers.core import webhooks
+
+    monkeypatch.setenv(webhooks.ALLOWED_HOSTS_ENV, "127.0.0.1:9")
+    jobs = [
+        q.NewJob("noop", {"text": "Grüße \u2603", "deep": [[{"a": None}]], "n": 2**40}),
+        q.NewJob("noop", [], priority=-7, delay=3600.0, max_attempts=1),
+        q.NewJob("noop_other", "plain string", priority=2**31 - 1, key="k-one",
+                 sticky_key=True),
+        q.NewJob("noop", {}, callback_url="http://127.0.0.1:9/hook"),
+    ]
+    one = [q.enqueue_many(db, [j])[0] for j in jobs]
+    rows_one = [db.execute(f"SELECT {_ENQUEUED_COLUMNS} FROM jobvisor.jobs WHERE id = %s",
+                           (i,)).fetchone() for i in one]
+    db.execute("DELETE FROM jobvisor.jobs")
+    many = q.enqueue_many(db, jobs)
+    rows_many = [db.execute(f"SELECT {_ENQUEUED_COLUMNS} FROM jobvisor.jobs WHERE id = %s",
+                            (i,)).fetchone() for i in many]
+    assert rows_one == rows_many
+    assert rows_one[1][4:] == (None, False, None, None, "queued", 0, 3600)
+    # A keyed job already held: both give the holder's id and insert nothing.
+    assert q.enqueue_many(db, [jobs[2]]) == [many[2]]
+    assert q.enqueue_many(db, [jobs[2], jobs[2]]) == [many[2], many[2]]
+    # Refused alike, naming the same rule.
+    for bad, error in [(q.NewJob("Bad-Type", {}), psycopg.errors.CheckViolation),
+                       (q.NewJob("noop", {}, priority=2**31), psycopg.errors.NumericValueOutOfRange),
+                       (q.NewJob("noop", {}, max_attempts=0), psycopg.errors.CheckViolation)]:
+        for batch in ([bad], [bad, q.NewJob("noop", {})]):
+            with pytest.raises(error):
+                q.enqueue_many(db, batch)
+            db.rollback()
+    assert len(q.enqueue_many(db, [])) == 0

@@ -26,7 +26,8 @@ transaction before the workers start; `jobs_per_s` = N / (queue seen empty − f
 handler start), also incl. start-up from just before spawning), warm (workers idle:
 N more jobs in one transaction; N / (queue seen empty − just before COMMIT)), then
 latency (single autocommitted enqueues 20 ms apart; handler start − time.time() just
-before the enqueue call, like wake_latency.py). "Queue seen empty" is the database's
+before the enqueue call, like wake_latency.py; `after_commit_*` from the call's return,
+the producer's durable commit left out). "Queue seen empty" is the database's
 clock_timestamp() in the first poll (every --poll-ms) that finds no row left in the
 peer's job table (both peers delete a job when they complete it), so it can be late by
 up to one poll: a bias against the peers of ≤ 10 ms on runs of ~1 s. Handler stamps are
@@ -350,6 +351,7 @@ def run_peer(system: str, args: argparse.Namespace, base: str,
                                " clock_timestamp())::float8").fetchone()[0]
         procs = Procs(peer._cmd("work"), peer.env(dsn), args.processes)
         latency: dict[int, float] = {}
+        returned: dict[int, float] = {}  # the enqueue's commit has been acknowledged
         try:
             procs.wait_ready(60)
             cold_end = wait_drained(peer, conn, procs, args.timeout, args.poll_ms / 1000)
@@ -374,6 +376,7 @@ def run_peer(system: str, args: argparse.Namespace, base: str,
                     before = time.time()
                     peer.enqueue_one(conn, i)
                     latency[i] = before
+                    returned[i] = time.time()
                 wait_drained(peer, conn, procs, args.timeout, args.poll_ms / 1000)
                 if window:
                     time.sleep(STATS_SETTLE_S)  # the latency phase's counts: not ours
@@ -407,9 +410,12 @@ def run_peer(system: str, args: argparse.Namespace, base: str,
         for s in stats:
             stamps.update(s["stamps"])
         ms = sorted((stamps[str(i)] - t) * 1000 for i, t in latency.items())
+        after = sorted((stamps[str(i)] - t) * 1000 for i, t in returned.items())
+        call = sorted((returned[i] - t) * 1000 for i, t in latency.items())
         fig |= {"latency_median_ms": round(statistics.median(ms), 3),
                 "latency_p95_ms": round(nearest_rank(ms, 0.95), 3),
-                "latency_max_ms": round(ms[-1], 3)}
+                "latency_max_ms": round(ms[-1], 3),
+                **_split(call, after)}
     fig |= {"n": n, "processes": args.processes, "concurrency": args.concurrency,
             "load_1m_at_start": load}
     if system == "graphile_batched":
@@ -531,7 +537,10 @@ def run_jobvisor(args: argparse.Namespace, base: str,
             raise Failed(f"wake_latency exited {wl.returncode}")
         w = _last_json(wl.stdout, "wake_latency")
         fig |= {"latency_median_ms": w["median_ms"], "latency_p95_ms": w["p95_ms"],
-                "latency_max_ms": w["max_ms"]}
+                "latency_max_ms": w["max_ms"],
+                "enqueue_call_median_ms": w["enqueue_call_median_ms"],
+                "after_commit_median_ms": w["after_commit_median_ms"],
+                "after_commit_p95_ms": w["after_commit_p95_ms"]}
     fig |= {"n": args.n, "processes": args.processes, "concurrency": args.concurrency,
             "prefetch": args.prefetch, "load_1m_at_start": load}
     if window:
@@ -547,11 +556,22 @@ def run_jobvisor(args: argparse.Namespace, base: str,
     return fig
 
 
+def _split(call_ms: list[float], after_ms: list[float]) -> dict[str, float]:
+    """The latency in two parts: the enqueue call (the producer's insert and its durable
+    commit, the same for every system but for the insert itself) and what follows its
+    return: the system's own wake path. The second can be below zero: the server tells
+    the listeners at commit, and a handler may start before the producer reads its reply."""
+    return {"enqueue_call_median_ms": round(statistics.median(call_ms), 3),
+            "after_commit_median_ms": round(statistics.median(after_ms), 3),
+            "after_commit_p95_ms": round(nearest_rank(after_ms, 0.95), 3)}
+
+
 # --- the rounds ------------------------------------------------------------------------
 
 def summarize(runs: list[dict[str, Any]], systems: list[str]) -> dict[str, Any]:
     keys = ("jobs_per_s", "jobs_per_s_incl_startup", "warm_jobs_per_s",
-            "latency_median_ms", "latency_p95_ms", *ACCOUNT_KEYS)
+            "latency_median_ms", "latency_p95_ms", "enqueue_call_median_ms",
+            "after_commit_median_ms", "after_commit_p95_ms", *ACCOUNT_KEYS)
     med: dict[str, dict[str, Any]] = {}
     for s in systems:
         mine = [r for r in runs if r["system"] == s]
@@ -566,7 +586,8 @@ def summarize(runs: list[dict[str, Any]], systems: list[str]) -> dict[str, Any]:
     for mine in ("jobvisor", "jobvisor_nohistory"):
         for peer in ("graphile_batched", "graphile_unbatched", "pgqueuer"):
             if mine in med and peer in med:
-                for k in ("jobs_per_s", "warm_jobs_per_s", "latency_median_ms"):
+                for k in ("jobs_per_s", "warm_jobs_per_s", "latency_median_ms",
+                          "after_commit_median_ms"):
                     if k in med[mine] and k in med[peer]:
                         ratios[f"{mine}/{peer}:{k}"] = round(
                             med[mine][k]["median"] / med[peer][k]["median"], 3)

@@ -107,6 +107,22 @@ ON CONFLICT (idempotency_key)
 RETURNING j.id, j.idempotency_key
 """
 
+# One job, as most producers enqueue (a follow-up, a cron slot, a submission): the same
+# insert with one VALUES row of plain parameters. Nine one-element arrays cost more to
+# send and unpack than the row itself (≈ 0.2 ms of a 0.6 ms call, docs/benchmarks.md).
+_ENQUEUE_ONE = """
+INSERT INTO jobvisor.jobs AS j
+    (job_type, payload, priority, visible_at, max_attempts, idempotency_key, key_sticky, batch_id,
+     callback_url)
+VALUES (%(type)s::text, %(payload)s::jsonb, %(priority)s::int,
+        now() + make_interval(secs => %(delay)s::float8), %(max_attempts)s::int, %(key)s::text,
+        %(sticky)s::bool, %(batch)s::text, %(callback)s::text)
+ON CONFLICT (idempotency_key)
+    WHERE idempotency_key IS NOT NULL AND (status IN ('queued', 'leased') OR key_sticky)
+    DO NOTHING
+RETURNING j.id, j.idempotency_key
+"""
+
 _EXISTING_BY_KEY = """
 SELECT idempotency_key, id FROM jobvisor.jobs
 WHERE idempotency_key = ANY(%(keys)s)
@@ -134,23 +150,34 @@ def enqueue_many(conn: psycopg.Connection, jobs: Sequence[NewJob]) -> list[int]:
     """
     if not jobs:
         return []
+    if len(jobs) == 1:
+        return _enqueue_rows(conn, jobs, _ENQUEUE_ONE, {})
     return _enqueue_rows(conn, jobs, _ENQUEUE, {})
+
+
+def _one_row(job: NewJob) -> dict[str, Any]:
+    return {"type": job.job_type, "payload": Jsonb(job.payload), "priority": job.priority,
+            "delay": float(job.delay), "max_attempts": job.max_attempts, "key": job.key,
+            "sticky": job.sticky_key, "batch": job.batch_id, "callback": job.callback_url}
 
 
 def _enqueue_rows(conn: psycopg.Connection, jobs: Sequence[NewJob], sql: str,
                   extra: dict[str, Any]) -> list[int]:
     _check_callbacks(j.callback_url for j in jobs)
-    params = extra | {
-        "types": [j.job_type for j in jobs],
-        "payloads": [Jsonb(j.payload) for j in jobs],
-        "priorities": [j.priority for j in jobs],
-        "delays": [float(j.delay) for j in jobs],
-        "max_attempts": [j.max_attempts for j in jobs],
-        "keys": [j.key for j in jobs],
-        "sticky": [j.sticky_key for j in jobs],
-        "batches": [j.batch_id for j in jobs],
-        "callbacks": [j.callback_url for j in jobs],
-    }
+    if sql is _ENQUEUE_ONE:
+        params = _one_row(jobs[0])
+    else:
+        params = extra | {
+            "types": [j.job_type for j in jobs],
+            "payloads": [Jsonb(j.payload) for j in jobs],
+            "priorities": [j.priority for j in jobs],
+            "delays": [float(j.delay) for j in jobs],
+            "max_attempts": [j.max_attempts for j in jobs],
+            "keys": [j.key for j in jobs],
+            "sticky": [j.sticky_key for j in jobs],
+            "batches": [j.batch_id for j in jobs],
+            "callbacks": [j.callback_url for j in jobs],
+        }
     rows = conn.execute(sql, params).fetchall()
     keyless = [r[0] for r in rows if r[1] is None]
     by_key = {r[1]: r[0] for r in rows if r[1] is not None}
