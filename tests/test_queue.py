@@ -364,3 +364,24 @@ def test_one_job_and_many_jobs_are_stored_alike(db, monkeypatch):
                 q.enqueue_many(db, batch)
             db.rollback()
     assert len(q.enqueue_many(db, [])) == 0
+
+
+def test_a_lease_key_fences_as_text_or_as_uuid(db):
+    """The lease hands its key out as text (no uuid.UUID per job); every fenced statement
+    takes it so, or as a uuid.UUID, and a stale one of either kind changes nothing."""
+    import uuid
+
+    ids = q.enqueue_many(db, [q.NewJob("noop", {"i": i}) for i in range(4)])
+    jobs = q.lease(db, "noop", 4, worker_id="w", lease_seconds=30)
+    assert [j.id for j in jobs] == ids
+    assert all(isinstance(j.lease_key, str) and uuid.UUID(j.lease_key) for j in jobs)
+    a, b, c, d = jobs
+    assert set(q.heartbeat(db, [(a.id, a.lease_key), (b.id, uuid.UUID(b.lease_key))], 30)) \
+        == {a.id, b.id}
+    assert not q.complete(db, a.id, str(uuid.uuid4()), None)
+    assert not q.complete(db, b.id, uuid.uuid4(), None)
+    assert q.complete(db, a.id, a.lease_key, {"ok": 1})
+    assert q.complete(db, b.id, uuid.UUID(b.lease_key), None)
+    assert q.fail(db, c.id, c.lease_key, code="x", message="m")
+    assert q.put_back(db, [(d.id, d.lease_key)])
+    assert counts(db) == {"completed": 2, "failed": 1, "queued": 1}

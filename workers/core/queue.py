@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -27,6 +27,8 @@ from workers.core.errors import MAX_MESSAGE
 from workers.core.plugins import JobEvent
 
 STATUSES = ("queued", "leased", "completed", "failed", "cancelled")
+# A lease key: text as the lease returns it (LeasedJob.lease_key), or a uuid.UUID.
+LeaseKey = str | uuid.UUID
 CANCEL_CHANNEL = "jobvisor_cancel"
 MAX_ERRORS = 10  # attempts whose errors a job keeps (sql/006, jobvisor.push_error)
 
@@ -55,14 +57,18 @@ class NewJob:
     callback_url: str | None = None
 
 
-@dataclass(frozen=True)
-class LeasedJob:
+class LeasedJob(NamedTuple):
+    """One leased job as the lease returns it. A named tuple: the runtime builds one per
+    job it leases, and a frozen dataclass cost three times as much to build (≈ 2 µs)."""
+
     id: int
     job_type: str
     payload: Any
     attempt: int
     max_attempts: int
-    lease_key: uuid.UUID
+    # The lease's fence, as text: every statement that uses it casts it to uuid, so no
+    # uuid.UUID is built per job on the way in and formatted again on the way out.
+    lease_key: str
     priority: int
     batch_id: str | None
     # Held by a worker that died beside other jobs: run it alone (sql/006).
@@ -274,7 +280,7 @@ WHERE j.id = ANY(ARRAY(SELECT id FROM suspect UNION ALL SELECT id FROM plain))
   -- once, before any row is changed.)
   AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL
 -- The payload as text: decoded per job by the worker (see _decode_payload).
-RETURNING j.id, j.job_type, j.payload::text, j.attempts, j.max_attempts, j.lease_key,
+RETURNING j.id, j.job_type, j.payload::text, j.attempts, j.max_attempts, j.lease_key::text,
           j.priority, j.batch_id, j.suspect
 """
 
@@ -430,7 +436,7 @@ RETURNING j.id, j.cancel_requested
 
 
 def heartbeat(
-    conn: psycopg.Connection, leases: Sequence[tuple[int, uuid.UUID]], lease_seconds: float
+    conn: psycopg.Connection, leases: Sequence[tuple[int, LeaseKey]], lease_seconds: float
 ) -> dict[int, bool]:
     """Extend the leases still held; returns {job id: cancel requested} for those."""
     if not leases:
@@ -440,7 +446,7 @@ def heartbeat(
         {
             "lease": float(lease_seconds),
             "ids": [i for i, _ in leases],
-            "keys": [k for _, k in leases],
+            "keys": _array_literal(k for _, k in leases),
         },
     ).fetchall()
     return {r[0]: r[1] for r in rows}
@@ -456,7 +462,7 @@ WHERE j.id = d.id AND j.lease_key = d.lease_key AND j.status = 'leased'
 
 
 def save_progress(
-    conn: psycopg.Connection, items: Sequence[tuple[int, uuid.UUID, float, str | None]]
+    conn: psycopg.Connection, items: Sequence[tuple[int, LeaseKey, float, str | None]]
 ) -> None:
     if not items:
         return
@@ -464,7 +470,7 @@ def save_progress(
         _PROGRESS,
         {
             "ids": [i[0] for i in items],
-            "keys": [i[1] for i in items],
+            "keys": _array_literal(i[1] for i in items),
             "progress": [min(1.0, max(0.0, float(i[2]))) for i in items],
             "notes": [i[3] for i in items],
         },
@@ -540,14 +546,14 @@ SELECT id FROM removed UNION ALL SELECT id FROM changed
 """
 
 
-def _array_literal(values: Iterable[int | uuid.UUID]) -> str:
+def _array_literal(values: Iterable[int | LeaseKey]) -> str:
     """Ids or lease keys as one array literal (`{1,2,3}`), cast in the statement: a
     list is dumped element by element, a cost the runtime paid per acknowledged job."""
     return "{" + ",".join(map(str, values)) + "}"
 
 
 def complete_many(
-    conn: psycopg.Connection, items: Sequence[tuple[int, uuid.UUID, Any]], *,
+    conn: psycopg.Connection, items: Sequence[tuple[int, LeaseKey, Any]], *,
     encoded: bool = False, keep: bool = True,
 ) -> set[int]:
     """Complete many jobs in one statement; returns the ids whose lease still held.
@@ -570,7 +576,7 @@ def complete_many(
     return {r[0] for r in rows}
 
 
-def complete(conn: psycopg.Connection, job_id: int, lease_key: uuid.UUID, result: Any, *,
+def complete(conn: psycopg.Connection, job_id: int, lease_key: LeaseKey, result: Any, *,
              encoded: bool = False, keep: bool = True) -> bool:
     return bool(complete_many(conn, [(job_id, lease_key, result)], encoded=encoded, keep=keep))
 
@@ -691,7 +697,7 @@ SELECT status, job_type, error_code FROM changed
 def retry(
     conn: psycopg.Connection,
     job_id: int,
-    lease_key: uuid.UUID,
+    lease_key: LeaseKey,
     *,
     code: str,
     message: str | None,
@@ -717,7 +723,7 @@ def retry(
 def fail(
     conn: psycopg.Connection,
     job_id: int,
-    lease_key: uuid.UUID,
+    lease_key: LeaseKey,
     *,
     code: str,
     message: str | None,
@@ -759,7 +765,7 @@ FROM back
 """
 
 
-def put_back(conn: psycopg.Connection, leases: Sequence[tuple[int, uuid.UUID]], *,
+def put_back(conn: psycopg.Connection, leases: Sequence[tuple[int, LeaseKey]], *,
              suspect: bool = False) -> set[int]:
     """Return unfinished jobs to the queue without counting the attempt (shutdown).
 
@@ -770,7 +776,7 @@ def put_back(conn: psycopg.Connection, leases: Sequence[tuple[int, uuid.UUID]], 
         return set()
     with _atomic(conn):
         rows = conn.execute(
-            _PUT_BACK, {"ids": [i for i, _ in leases], "keys": [k for _, k in leases],
+            _PUT_BACK, {"ids": [i for i, _ in leases], "keys": _array_literal(k for _, k in leases),
                         "suspect": suspect}
         ).fetchall()
         plugins.dispatch_outcomes(conn, [JobEvent(r[0], r[1], "leased", r[2], r[3]) for r in rows])
