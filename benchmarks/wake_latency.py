@@ -8,9 +8,10 @@ job's result. They are started with a long `--poll`, so only NOTIFY wakes them, 
 first job is enqueued only after pg_stat_activity shows every worker's listening
 connection idle in `LISTEN jobvisor_cancel`. Each job is enqueued alone (one
 `enqueue_many` call, autocommit) and `time.time()` is taken just before the call;
-latency = handler start − that moment; `after_commit_*` count from the call's return
-instead (the producer's durable commit left out: the wake path alone). Both clocks are this machine's wall clock, so
-the database must be on this machine (loopback or unix socket).
+latency = handler start − that moment. `after_commit_*` count from the call's return
+instead: the producer's durable commit left out, the wake path alone. Both clocks are
+this machine's wall clock, so the database must be on this machine (loopback or unix
+socket).
 
 Reports median, p95 (nearest rank), p99, min, max and mean in ms. Progress goes to
 stderr; the figures are the last line on stdout, as one JSON object.

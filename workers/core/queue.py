@@ -97,37 +97,34 @@ def _clip(message: str | None) -> str | None:
 
 # --- enqueue -------------------------------------------------------------------------
 
-_ENQUEUE = """
+_INSERT_INTO = """
 INSERT INTO jobvisor.jobs AS j
     (job_type, payload, priority, visible_at, max_attempts, idempotency_key, key_sticky, batch_id,
-     callback_url)
-SELECT t, p, pr, now() + make_interval(secs => d), m, k, s, b, c
-FROM unnest(%(types)s::text[], %(payloads)s::jsonb[], %(priorities)s::int[],
-            %(delays)s::float8[], %(max_attempts)s::int[], %(keys)s::text[],
-            %(sticky)s::bool[], %(batches)s::text[], %(callbacks)s::text[])
-     WITH ORDINALITY AS n(t, p, pr, d, m, k, s, b, c, ord)
-ORDER BY ord
+     callback_url)"""
+
+# A live (or sticky) job holding the key wins: nothing is inserted for it.
+_ON_KEY_CONFLICT = """
 ON CONFLICT (idempotency_key)
     WHERE idempotency_key IS NOT NULL AND (status IN ('queued', 'leased') OR key_sticky)
     DO NOTHING
 RETURNING j.id, j.idempotency_key
 """
 
+_ENQUEUE = f"""{_INSERT_INTO}
+SELECT t, p, pr, now() + make_interval(secs => d), m, k, s, b, c
+FROM unnest(%(types)s::text[], %(payloads)s::jsonb[], %(priorities)s::int[],
+            %(delays)s::float8[], %(max_attempts)s::int[], %(keys)s::text[],
+            %(sticky)s::bool[], %(batches)s::text[], %(callbacks)s::text[])
+     WITH ORDINALITY AS n(t, p, pr, d, m, k, s, b, c, ord)
+ORDER BY ord{_ON_KEY_CONFLICT}"""
+
 # One job, as most producers enqueue (a follow-up, a cron slot, a submission): the same
 # insert with one VALUES row of plain parameters. Nine one-element arrays cost more to
 # send and unpack than the row itself (≈ 0.2 ms of a 0.6 ms call, docs/benchmarks.md).
-_ENQUEUE_ONE = """
-INSERT INTO jobvisor.jobs AS j
-    (job_type, payload, priority, visible_at, max_attempts, idempotency_key, key_sticky, batch_id,
-     callback_url)
+_ENQUEUE_ONE = f"""{_INSERT_INTO}
 VALUES (%(type)s::text, %(payload)s::jsonb, %(priority)s::int,
         now() + make_interval(secs => %(delay)s::float8), %(max_attempts)s::int, %(key)s::text,
-        %(sticky)s::bool, %(batch)s::text, %(callback)s::text)
-ON CONFLICT (idempotency_key)
-    WHERE idempotency_key IS NOT NULL AND (status IN ('queued', 'leased') OR key_sticky)
-    DO NOTHING
-RETURNING j.id, j.idempotency_key
-"""
+        %(sticky)s::bool, %(batch)s::text, %(callback)s::text){_ON_KEY_CONFLICT}"""
 
 _EXISTING_BY_KEY = """
 SELECT idempotency_key, id FROM jobvisor.jobs
