@@ -14,6 +14,8 @@ database's own clock (`clock_timestamp()`, `started_at`, `finished_at`):
 * warm: the same workers, now idle and LISTENing (checked in pg_stat_activity), get N
   more jobs in one committed transaction. `warm_process_s` runs from just before that
   COMMIT to the last `finished_at`: no start-up in it at all.
+  `warm_first_lease_after_commit_s` is the part of it before the first lease (the
+  COMMIT itself and the wake-up through NOTIFY).
 
 `jobs_per_s` = n / process_s. With `--no-keep-completed` (a type with
 `keep_completed: false`) the completed rows and their times are gone: the phase's ends
@@ -185,9 +187,13 @@ def _measure(args: argparse.Namespace, db: BenchDatabase,
             t = time.perf_counter()
             warm_ids, visible = _enqueue(conn, job_type, args.n)
             warm_enqueue_s = time.perf_counter() - t
-            _first_lease, _first_done, last_done = _done_span(conn, group, warm_ids, args.n,
-                                                              args)
+            first_lease, _first_done, last_done = _done_span(conn, group, warm_ids, args.n,
+                                                             args)
             warm = (last_done - visible).total_seconds()
+            # The part of `warm` before any worker had a job: the COMMIT (its log flush)
+            # and the wake-up through NOTIFY.
+            figures["warm_first_lease_after_commit_s"] = r3(
+                (first_lease - visible).total_seconds())
             progress(f"warm: enqueued in {warm_enqueue_s:.3f}s, {args.n} done "
                      f"{warm:.3f}s after commit ({args.n / warm:,.0f}/s)")
             figures |= {"warm_enqueue_s": r3(warm_enqueue_s), "warm_process_s": r3(warm),
