@@ -358,7 +358,11 @@ def test_one_job_and_many_jobs_are_stored_alike(db, monkeypatch):
     # Refused alike, naming the same rule.
     for bad, error in [(q.NewJob("Bad-Type", {}), psycopg.errors.CheckViolation),
                        (q.NewJob("noop", {}, priority=2**31), psycopg.errors.NumericValueOutOfRange),
-                       (q.NewJob("noop", {}, max_attempts=0), psycopg.errors.CheckViolation)]:
+                       (q.NewJob("noop", {}, max_attempts=0), psycopg.errors.CheckViolation),
+                       (q.NewJob("noop", {"x": "a\u0000b"}), psycopg.errors.UntranslatableCharacter),
+                       (q.NewJob("noop", {"x": float("nan")}),
+                        psycopg.errors.InvalidTextRepresentation),
+                       (q.NewJob("noop", {"at": object()}), TypeError)]:
         for batch in ([bad], [bad, q.NewJob("noop", {})]):
             with pytest.raises(error):
                 q.enqueue_many(db, batch)

@@ -110,11 +110,13 @@ ON CONFLICT (idempotency_key)
 RETURNING j.id, j.idempotency_key
 """
 
+# Many jobs travel as one JSON document, a row object each: json.dumps writes it in C,
+# where nine arrays were dumped by psycopg element by element in Python (escaping each
+# string), which was most of a bulk enqueue's time (docs/benchmarks.md).
 _ENQUEUE = f"""{_INSERT_INTO}
 SELECT t, p, pr, now() + make_interval(secs => d), m, k, s, b, c
-FROM unnest(%(types)s::text[], %(payloads)s::jsonb[], %(priorities)s::int[],
-            %(delays)s::float8[], %(max_attempts)s::int[], %(keys)s::text[],
-            %(sticky)s::bool[], %(batches)s::text[], %(callbacks)s::text[])
+FROM ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb)
+     AS (t text, p jsonb, pr int, d float8, m int, k text, s bool, b text, c text))
      WITH ORDINALITY AS n(t, p, pr, d, m, k, s, b, c, ord)
 ORDER BY ord{_ON_KEY_CONFLICT}"""
 
@@ -170,17 +172,10 @@ def _enqueue_rows(conn: psycopg.Connection, jobs: Sequence[NewJob], sql: str,
     if sql is _ENQUEUE_ONE:
         params = _one_row(jobs[0])
     else:
-        params = extra | {
-            "types": [j.job_type for j in jobs],
-            "payloads": [Jsonb(j.payload) for j in jobs],
-            "priorities": [j.priority for j in jobs],
-            "delays": [float(j.delay) for j in jobs],
-            "max_attempts": [j.max_attempts for j in jobs],
-            "keys": [j.key for j in jobs],
-            "sticky": [j.sticky_key for j in jobs],
-            "batches": [j.batch_id for j in jobs],
-            "callbacks": [j.callback_url for j in jobs],
-        }
+        params = extra | {"rows": json.dumps(
+            [{"t": j.job_type, "p": j.payload, "pr": j.priority, "d": float(j.delay),
+              "m": j.max_attempts, "k": j.key, "s": j.sticky_key, "b": j.batch_id,
+              "c": j.callback_url} for j in jobs], separators=(",", ":"))}
     rows = conn.execute(sql, params).fetchall()
     keyless = [r[0] for r in rows if r[1] is None]
     by_key = {r[1]: r[0] for r in rows if r[1] is not None}
