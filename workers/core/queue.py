@@ -121,8 +121,9 @@ FROM ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb)
 ORDER BY ord{_ON_KEY_CONFLICT}"""
 
 # One job, as most producers enqueue (a follow-up, a cron slot, a submission): the same
-# insert with one VALUES row of plain parameters. Nine one-element arrays cost more to
-# send and unpack than the row itself (≈ 0.2 ms of a 0.6 ms call, docs/benchmarks.md).
+# insert with one VALUES row of plain parameters. Sent as a many-row statement (then
+# nine one-element arrays), the parameters cost more than the row itself: ≈ 0.2 ms of a
+# 0.6 ms call (docs/benchmarks.md).
 _ENQUEUE_ONE = f"""{_INSERT_INTO}
 VALUES (%(type)s::text, %(payload)s::jsonb, %(priority)s::int,
         now() + make_interval(secs => %(delay)s::float8), %(max_attempts)s::int, %(key)s::text,
@@ -156,26 +157,28 @@ def enqueue_many(conn: psycopg.Connection, jobs: Sequence[NewJob]) -> list[int]:
     if not jobs:
         return []
     if len(jobs) == 1:
-        return _enqueue_rows(conn, jobs, _ENQUEUE_ONE, {})
-    return _enqueue_rows(conn, jobs, _ENQUEUE, {})
+        return _enqueue_rows(conn, jobs, _ENQUEUE_ONE, _one_row(jobs[0]))
+    return _enqueue_rows(conn, jobs, _ENQUEUE, _many_rows(jobs))
 
 
 def _one_row(job: NewJob) -> dict[str, Any]:
+    """`_ENQUEUE_ONE`'s parameters."""
     return {"type": job.job_type, "payload": Jsonb(job.payload), "priority": job.priority,
             "delay": float(job.delay), "max_attempts": job.max_attempts, "key": job.key,
             "sticky": job.sticky_key, "batch": job.batch_id, "callback": job.callback_url}
 
 
+def _many_rows(jobs: Sequence[NewJob]) -> dict[str, Any]:
+    """`_ENQUEUE`'s parameter: the rows as one JSON document."""
+    return {"rows": json.dumps(
+        [{"t": j.job_type, "p": j.payload, "pr": j.priority, "d": float(j.delay),
+          "m": j.max_attempts, "k": j.key, "s": j.sticky_key, "b": j.batch_id,
+          "c": j.callback_url} for j in jobs], separators=(",", ":"))}
+
+
 def _enqueue_rows(conn: psycopg.Connection, jobs: Sequence[NewJob], sql: str,
-                  extra: dict[str, Any]) -> list[int]:
+                  params: dict[str, Any]) -> list[int]:
     _check_callbacks(j.callback_url for j in jobs)
-    if sql is _ENQUEUE_ONE:
-        params = _one_row(jobs[0])
-    else:
-        params = extra | {"rows": json.dumps(
-            [{"t": j.job_type, "p": j.payload, "pr": j.priority, "d": float(j.delay),
-              "m": j.max_attempts, "k": j.key, "s": j.sticky_key, "b": j.batch_id,
-              "c": j.callback_url} for j in jobs], separators=(",", ":"))}
     rows = conn.execute(sql, params).fetchall()
     keyless = [r[0] for r in rows if r[1] is None]
     by_key = {r[1]: r[0] for r in rows if r[1] is not None}
@@ -768,8 +771,8 @@ def put_back(conn: psycopg.Connection, leases: Sequence[tuple[int, LeaseKey]], *
         return set()
     with _atomic(conn):
         rows = conn.execute(
-            _PUT_BACK, {"ids": [i for i, _ in leases], "keys": _array_literal(k for _, k in leases),
-                        "suspect": suspect}
+            _PUT_BACK, {"ids": [i for i, _ in leases],
+                        "keys": _array_literal(k for _, k in leases), "suspect": suspect}
         ).fetchall()
         plugins.dispatch_outcomes(conn, [JobEvent(r[0], r[1], "leased", r[2], r[3]) for r in rows])
     return {r[0] for r in rows}
@@ -1158,7 +1161,8 @@ def enqueue_batch(conn: psycopg.Connection, batch_id: str, jobs: Sequence[NewJob
         return []
     jobs = [j if j.batch_id == batch_id else replace(j, batch_id=batch_id) for j in jobs]
     return _enqueue_rows(conn, jobs, _ENQUEUE_IN_BATCH,
-                         {"batch_id": batch_id, "batch_callback": callback_url})
+                         {"batch_id": batch_id, "batch_callback": callback_url}
+                         | _many_rows(jobs))
 
 
 _GET_BATCH = """
