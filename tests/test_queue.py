@@ -293,6 +293,26 @@ def test_notify_is_sent_on_enqueue_on_the_type_channel_only(db_dsn, db):
     assert got == [q.jobs_channel("noop")]  # one per statement, none for the other type
 
 
+def test_one_insert_notifies_each_queued_type_once_and_counts_each_batch(db_dsn, db):
+    """sql/012's one trigger does both jobs of the two it replaced, in one statement: a
+    NOTIFY per queued type (none for a type whose rows are not queued), and each batch's
+    total; a row without a batch makes no batch row."""
+    with psycopg.connect(db_dsn, autocommit=True) as listener:
+        for t in ("noop", "sleep", "fail"):
+            listener.execute(f'LISTEN "{q.jobs_channel(t)}"')
+        db.execute("""
+            INSERT INTO jobvisor.jobs (job_type, batch_id, status, finished_at) VALUES
+                ('noop', 'b-2', 'queued', NULL), ('noop', 'b-1', 'queued', NULL),
+                ('sleep', NULL, 'queued', NULL), ('noop', 'b-2', 'queued', NULL),
+                ('fail', 'b-1', 'cancelled', now())""")
+        got = sorted(n.channel for n in listener.notifies(timeout=2))
+    assert got == sorted([q.jobs_channel("noop"), q.jobs_channel("sleep")])
+    assert (q.get_batch(db, "b-1")["total"], q.get_batch(db, "b-1")["cancelled"]) == (2, 1)
+    assert q.get_batch(db, "b-2")["total"] == 2
+    q.enqueue(db, q.NewJob("noop", {}))
+    assert db.execute("SELECT count(*) FROM jobvisor.batches").fetchone()[0] == 2
+
+
 def test_migrations_are_idempotent_and_race_free(empty_dsn):
     dsn = empty_dsn
     results: list[list[str]] = []
