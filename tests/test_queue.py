@@ -409,3 +409,71 @@ def test_a_lease_key_fences_as_text_or_as_uuid(db):
     assert q.fail(db, c.id, c.lease_key, code="x", message="m")
     assert q.put_back(db, [(d.id, d.lease_key)])
     assert counts(db) == {"completed": 2, "failed": 1, "queued": 1}
+
+
+def _generic_plan(conn: psycopg.Connection, sql: str, params: dict[str, tuple[str, str]]
+                  ) -> list[dict]:
+    """Run `sql` (psycopg's %(name)s placeholders) as a prepared statement with its generic
+    plan, the one a session keeps, and return the plan's nodes that read jobvisor.jobs.
+    params: name -> (type, SQL literal). Rolled back."""
+    import re
+
+    names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", sql)))
+    text = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m.group(1)) + 1}", sql)
+    types = ", ".join(params[n][0] for n in names)
+    args = ", ".join(params[n][1] for n in names)
+    nodes: list[dict] = []
+    with conn.transaction(force_rollback=True):
+        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        conn.execute(f"PREPARE fenced ({types}) AS {text}")
+        (plan,) = conn.execute(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE fenced ({args})").fetchone()
+        conn.execute("DEALLOCATE fenced")
+
+    def walk(node: dict) -> None:
+        if node.get("Relation Name") == "jobs" and "Scan" in node["Node Type"]:
+            nodes.append(node)
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan[0]["Plan"])
+    return nodes
+
+
+def test_fenced_batches_find_their_rows_by_id_whatever_the_statistics_say(db):
+    """Statistics taken while nothing was leased, then 400 jobs leased, and a session's
+    generic plan: each fenced batch statement reads its own 100 rows through the primary
+    key. The join it replaced scanned every leased row against the batch in a nested loop
+    (40,000 comparisons; a 100-job acknowledgement 8 ms instead of 1.5)."""
+    db.execute("INSERT INTO jobvisor.jobs (job_type) SELECT 'noop' FROM generate_series(1, 20000)")
+    db.execute("ANALYZE jobvisor.jobs")
+    held = (q.lease(db, "noop", 200, worker_id="a", lease_seconds=60)
+            + q.lease(db, "noop", 200, worker_id="b", lease_seconds=60))
+    batch = held[:100]
+    ids = "'" + q._array_literal(j.id for j in batch) + "'"
+    keys = "'" + q._array_literal(j.lease_key for j in batch) + "'"
+    common = {"ids": ("text", ids), "keys": ("text", keys)}
+    statements = {
+        "complete": (q._COMPLETE, {"results": ("jsonb[]", "array_fill(NULL::jsonb, ARRAY[100])")}),
+        "complete_discarding": (q._COMPLETE_DISCARDING,
+                                {"results": ("jsonb[]", "array_fill('{}'::jsonb, ARRAY[100])")}),
+        "heartbeat": (q._HEARTBEAT, {"lease": ("float8", "60")}),
+        "progress": (q._PROGRESS, {"progress": ("real[]", "array_fill(0.5::real, ARRAY[100])"),
+                                   "notes": ("text[]", "array_fill('p'::text, ARRAY[100])")}),
+        "put_back": (q._PUT_BACK, {"suspect": ("bool", "false")}),
+    }
+    for name, (sql, extra) in statements.items():
+        nodes = _generic_plan(db, sql, common | extra)
+        assert nodes, name
+        for node in nodes:
+            assert node.get("Index Name") == "jobs_pkey", (name, node["Node Type"],
+                                                           node.get("Index Name"))
+            assert node["Actual Rows"] <= 100, (name, node["Actual Rows"])
+    one = {"id": ("bigint", str(batch[0].id)), "key": ("uuid", f"'{batch[0].lease_key}'"),
+           "code": ("text", "'x'"), "message": ("text", "NULL")}
+    for name, (sql, extra) in {"retry": (q._RETRY_OR_FAIL, {"delay": ("float8", "1")}),
+                               "fail": (q._FAIL, {"status": ("text", "'failed'")})}.items():
+        for node in _generic_plan(db, sql, one | extra):
+            assert node.get("Index Name") == "jobs_pkey", (name, node.get("Index Name"))
+    # Nothing was changed by the plans' runs (each rolled back).
+    assert counts(db)["leased"] == 400
