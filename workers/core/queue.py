@@ -1,8 +1,9 @@
 """Every statement jobvisor sends to its queue table lives here.
 
 Each statement is named, guarded by the state it expects, and bulk work passes arrays
-that are unnested, so a round trip serves many jobs. Writes that finish a job are
-fenced by the job's `lease_key`: a worker whose lease was lost changes nothing.
+(unnested, or indexed by each row's position in them), so a round trip serves many jobs.
+Writes that finish a job are fenced by the job's `lease_key`: a worker whose lease was
+lost changes nothing.
 """
 
 from __future__ import annotations
@@ -515,7 +516,6 @@ def _counted(rows: str, *, status: str = "status", sign: str = "") -> str:
 
 
 # --- finishing (fenced) ---------------------------------------------------------------
-
 
 # Finishing statements stamp clock_timestamp(): a statement in a transaction that began
 # before the work (a handler's own) must still record when the job really finished.
