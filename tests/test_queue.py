@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import psycopg
@@ -416,8 +417,6 @@ def _generic_plan(conn: psycopg.Connection, sql: str, params: dict[str, tuple[st
     """Run `sql` (psycopg's %(name)s placeholders) as a prepared statement with its generic
     plan, the one a session keeps, and return the plan's nodes that read jobvisor.jobs.
     params: name -> (type, SQL literal). Rolled back."""
-    import re
-
     names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", sql)))
     text = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m.group(1)) + 1}", sql)
     types = ", ".join(params[n][0] for n in names)
@@ -477,3 +476,24 @@ def test_fenced_batches_find_their_rows_by_id_whatever_the_statistics_say(db):
             assert node.get("Index Name") == "jobs_pkey", (name, node.get("Index Name"))
     # Nothing was changed by the plans' runs (each rolled back).
     assert counts(db)["leased"] == 400
+
+
+def test_a_fenced_batch_gives_each_job_its_own_values_and_skips_a_stale_key(db):
+    """Keys, results and progress are picked from the arrays by each id's position: the
+    batch in an order of its own, one key stale (a lost lease) changes nothing of its job."""
+    ids = q.enqueue_many(db, [q.NewJob("noop", {}) for _ in range(5)])
+    jobs = {j.id: j for j in q.lease(db, "noop", 5, worker_id="w", lease_seconds=60)}
+    order = [ids[3], ids[0], ids[4], ids[1], ids[2]]
+    stale = ids[4]
+    key = {i: ("00000000-0000-0000-0000-000000000000" if i == stale else jobs[i].lease_key)
+           for i in order}
+    q.save_progress(db, [(i, key[i], i / 100, f"note {i}") for i in order])
+    assert set(q.heartbeat(db, [(i, key[i]) for i in order], 60)) == set(order) - {stale}
+    done = q.complete_many(db, [(i, key[i], {"mine": i}) for i in order])
+    assert done == set(order) - {stale}
+    rows = dict((r[0], r[1:]) for r in db.execute(
+        "SELECT id, status, result, progress_note FROM jobvisor.jobs WHERE id = ANY(%s)",
+        (ids,)).fetchall())
+    for i in set(order) - {stale}:
+        assert rows[i] == ("completed", {"mine": i}, f"note {i}")
+    assert rows[stale] == ("leased", None, None)
