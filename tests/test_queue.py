@@ -415,28 +415,41 @@ def test_a_lease_key_fences_as_text_or_as_uuid(db):
 def _generic_plan(conn: psycopg.Connection, sql: str, params: dict[str, tuple[str, str]]
                   ) -> list[dict]:
     """Run `sql` (psycopg's %(name)s placeholders) as a prepared statement with its generic
-    plan, the one a session keeps, and return the plan's nodes that read jobvisor.jobs.
+    plan, the one a session keeps, under EXPLAIN ANALYZE; return every node of the plan.
     params: name -> (type, SQL literal). Rolled back."""
     names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", sql)))
     text = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m.group(1)) + 1}", sql)
     types = ", ".join(params[n][0] for n in names)
     args = ", ".join(params[n][1] for n in names)
-    nodes: list[dict] = []
     with conn.transaction(force_rollback=True):
         conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
         conn.execute(f"PREPARE fenced ({types}) AS {text}")
         (plan,) = conn.execute(
             f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE fenced ({args})").fetchone()
         conn.execute("DEALLOCATE fenced")
+    nodes: list[dict] = []
 
     def walk(node: dict) -> None:
-        if node.get("Relation Name") == "jobs" and "Scan" in node["Node Type"]:
-            nodes.append(node)
+        nodes.append(node)
         for child in node.get("Plans", []):
             walk(child)
 
     walk(plan[0]["Plan"])
     return nodes
+
+
+def _reads_of_jobs(nodes: list[dict]) -> list[dict]:
+    """The nodes that read jobvisor.jobs: its index scans (a bitmap heap scan's index is
+    its child) and sequential scans."""
+    return [n for n in nodes if str(n.get("Index Name", "")).startswith("jobs_")
+            or (n.get("Relation Name") == "jobs" and n["Node Type"] == "Seq Scan")]
+
+
+def _stale_statistics(db: psycopg.Connection) -> None:
+    """Statistics of the table as it is now (empty), kept: no autovacuum will ANALYZE it
+    again during the test."""
+    db.execute("ALTER TABLE jobvisor.jobs SET (autovacuum_enabled = false)")
+    db.execute("ANALYZE jobvisor.jobs")
 
 
 def test_fenced_batches_find_their_rows_by_id_whatever_the_statistics_say(db):
@@ -445,7 +458,7 @@ def test_fenced_batches_find_their_rows_by_id_whatever_the_statistics_say(db):
     key. The join it replaced scanned every leased row against the batch in a nested loop
     (40,000 comparisons; a 100-job acknowledgement 8 ms instead of 1.5)."""
     db.execute("INSERT INTO jobvisor.jobs (job_type) SELECT 'noop' FROM generate_series(1, 20000)")
-    db.execute("ANALYZE jobvisor.jobs")
+    _stale_statistics(db)
     held = (q.lease(db, "noop", 200, worker_id="a", lease_seconds=60)
             + q.lease(db, "noop", 200, worker_id="b", lease_seconds=60))
     batch = held[:100]
@@ -462,7 +475,7 @@ def test_fenced_batches_find_their_rows_by_id_whatever_the_statistics_say(db):
         "put_back": (q._PUT_BACK, {"suspect": ("bool", "false")}),
     }
     for name, (sql, extra) in statements.items():
-        nodes = _generic_plan(db, sql, common | extra)
+        nodes = _reads_of_jobs(_generic_plan(db, sql, common | extra))
         assert nodes, name
         for node in nodes:
             assert node.get("Index Name") == "jobs_pkey", (name, node["Node Type"],
@@ -472,7 +485,7 @@ def test_fenced_batches_find_their_rows_by_id_whatever_the_statistics_say(db):
            "code": ("text", "'x'"), "message": ("text", "NULL")}
     for name, (sql, extra) in {"retry": (q._RETRY_OR_FAIL, {"delay": ("float8", "1")}),
                                "fail": (q._FAIL, {"status": ("text", "'failed'")})}.items():
-        for node in _generic_plan(db, sql, one | extra):
+        for node in _reads_of_jobs(_generic_plan(db, sql, one | extra)):
             assert node.get("Index Name") == "jobs_pkey", (name, node.get("Index Name"))
     # Nothing was changed by the plans' runs (each rolled back).
     assert counts(db)["leased"] == 400
@@ -497,3 +510,35 @@ def test_a_fenced_batch_gives_each_job_its_own_values_and_skips_a_stale_key(db):
     for i in set(order) - {stale}:
         assert rows[i] == ("completed", {"mine": i}, f"note {i}")
     assert rows[stale] == ("leased", None, None)
+
+
+def test_a_fair_lease_with_a_key_limit_stays_small_whatever_the_statistics_say(db):
+    """Statistics of an empty queue, then 20,000 queued keyed jobs of 100 keys, one job of
+    each leased: the per-key-limited fair lease (max_running_per_key) reads its candidates in
+    fair order, counts each key's leased jobs once, and locks through the primary key.
+    Written with a join to the running keys and `status = 'queued'`, its generic plan
+    looped over the running keys once per candidate (864 × 100 rows, seen) and read every
+    entry of jobs_lease_order, the whole backlog (100,000 with 10⁵ queued, seen)."""
+    _stale_statistics(db)
+    db.execute("INSERT INTO jobvisor.jobs (job_type, fair_key)"
+               " SELECT 'noop', 'k' || (i % 100) FROM generate_series(1, 20000) AS i")
+    first = q.lease(db, "noop", 100, worker_id="w", lease_seconds=60, fair=True,
+                    per_key_limit=2)
+    assert len(first) == 100
+    scan = q.fair_scan(200)
+    nodes = _generic_plan(db, q._LEASE_FAIR_LIMITED, {
+        "type": ("text", "'noop'"), "alone": ("bool", "false"), "per_key": ("int", "2"),
+        "scan": ("int", str(scan)), "n": ("int", "200"), "by": ("text", "'w'"),
+        "lease": ("float8", "60")})
+    for node in _reads_of_jobs(nodes):
+        assert node.get("Index Name") != "jobs_lease_order", node["Node Type"]
+        assert node["Node Type"] != "Seq Scan"
+    for node in nodes:
+        rows = node.get("Actual Rows", 0) * node.get("Actual Loops", 1)
+        assert rows <= scan, (node["Node Type"], node.get("Index Name"), rows)
+    # And it leases within the limit: 2 per key, 100 keys, 100 already leased.
+    got = q.lease(db, "noop", 200, worker_id="w", lease_seconds=60, fair=True, per_key_limit=2)
+    assert len(got) == 100
+    per_key = db.execute("SELECT max(n), count(*) FROM (SELECT count(*) AS n FROM jobvisor.jobs"
+                         " WHERE status = 'leased' GROUP BY fair_key) s").fetchone()
+    assert per_key == (2, 100)
