@@ -446,8 +446,8 @@ def _reads_of_jobs(nodes: list[dict]) -> list[dict]:
 
 
 def _stale_statistics(db: psycopg.Connection) -> None:
-    """Statistics of the table as it is now (empty), kept: no autovacuum will ANALYZE it
-    again during the test."""
+    """Statistics of the table as it is now (nothing leased yet), kept: no autovacuum will
+    ANALYZE it again during the test."""
     db.execute("ALTER TABLE jobvisor.jobs SET (autovacuum_enabled = false)")
     db.execute("ANALYZE jobvisor.jobs")
 
