@@ -5,6 +5,7 @@ runtime decides."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from supervisor_app.children import worker_command
 from supervisor_app.config import Config, ConfigError, parse_config
+from supervisor_app.migrate import migrate, sql_dir
 from tests.handlers_fair import STARTS_DDL
-from tests.helpers import counts, start_worker, stop, wait_for
+from tests.helpers import core_migrations_before, counts, start_worker, stop, wait_for
 from tests.supervisor_harness import REPO, Supervisor, base_config, free_port
 from workers.core import queue as q
 
@@ -332,6 +334,50 @@ def test_the_fair_lease_reads_its_index_in_order_without_sorting_the_queue(db):
     (tags,) = db.execute("SELECT count(DISTINCT fair_tag) FROM jobvisor.jobs"
                          " WHERE job_type = 'fair_t'").fetchone()
     assert tags == 4
+
+
+_FAIR_TRIGGER = ("SELECT tgenabled::text FROM pg_trigger"
+                 " WHERE tgrelid = 'jobvisor.jobs'::regclass AND tgname = 'jobs_fair_tag'")
+
+
+def test_the_insert_trigger_runs_only_while_some_type_is_fair(db):
+    """sql/013: with no fair type an insert does not look at the trigger at all (its WHEN
+    was planned again by every inserting statement); configure_fair_share switches it
+    under the lock it takes when the set of fair types changes."""
+    assert db.execute(_FAIR_TRIGGER).fetchone() == ("D",)
+    _fair(db, "fair_t")
+    assert db.execute(_FAIR_TRIGGER).fetchone() == ("O",)
+    q.configure_fair_share(db, {"fair_t": q.FairShare("owner"),
+                                "fair_u": q.FairShare("owner")}, ["fair_t", "fair_u"])
+    assert q.configure_fair_share(db, {"fair_u": q.FairShare("owner")}, ["fair_t", "fair_u"])
+    assert db.execute(_FAIR_TRIGGER).fetchone() == ("O",)  # one fair type is left
+    (tagged,) = q.enqueue_many(db, _jobs("fair_u", "A", 1))
+    assert q.configure_fair_share(db, {}, ["fair_t", "fair_u"])
+    assert db.execute(_FAIR_TRIGGER).fetchone() == ("D",)
+    (plain,) = q.enqueue_many(db, _jobs("fair_u", "A", 1))
+    rows = dict(db.execute("SELECT id, fair_key FROM jobvisor.jobs").fetchall())
+    assert rows == {tagged: "A", plain: None}
+
+
+@pytest.mark.parametrize("fair_before", [False, True])
+def test_upgrade_switches_the_trigger_off_only_where_no_type_is_fair(empty_dsn, tmp_path,
+                                                                     fair_before):
+    before = core_migrations_before(13, tmp_path / "sql")
+    assert migrate(empty_dsn, before)[-1] == "012_one_insert_trigger"
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        if fair_before:
+            _fair(conn, "fair_t")
+        assert conn.execute(_FAIR_TRIGGER).fetchone() == ("O",)
+    shutil.copy(sql_dir() / "013_fair_tag_trigger_off.sql", before)
+    assert migrate(empty_dsn, before) == ["013_fair_tag_trigger_off"]
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert conn.execute(_FAIR_TRIGGER).fetchone() == (("O",) if fair_before else ("D",))
+        q.enqueue_many(conn, _jobs("fair_t", "A", 2))
+        tags = [r[0] for r in conn.execute("SELECT fair_tag FROM jobvisor.jobs ORDER BY id")]
+        assert tags == ([0, 1] if fair_before else [None, None])
+        # configuring afterwards switches it with the new configure_fair_share
+        _fair(conn, "fair_v")
+        assert conn.execute(_FAIR_TRIGGER).fetchone() == ("O",)
 
 
 # --- configuration ---------------------------------------------------------------------------
