@@ -19,6 +19,8 @@ from workers.core import queue as q
 from workers.core.model_gate import ModelGate, Policy
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+IN_FLIGHT_ONE = ('jobvisor_model_in_flight{endpoint="http://gpu:11434",'
+                 'model="qwen2.5vl:7b"} 1.0')
 
 
 @pytest.fixture
@@ -35,10 +37,13 @@ def scraped(db, worker_env, tmp_path):
     try:
         q.enqueue_many(db, [q.NewJob("noop", {}) for _ in range(3)])
         q.enqueue(db, q.NewJob("fail", {"kind": "permanent"}, max_attempts=1))
+        # The held token itself, not just the endpoint's row: the supervisor reads both
+        # together, and a read between the gate's insert of the row and its token (seen
+        # once in CI) shows the endpoint with nothing in flight until the next read.
         wait_for(lambda: 'outcome="failed"' in sup.get("/metrics")[1]
                  and 'job_type="noop",outcome="completed"' in sup.get("/metrics")[1]
-                 and "jobvisor_model_in_flight{" in sup.get("/metrics")[1],
-                 what="outcomes and the model endpoint in /metrics")
+                 and IN_FLIGHT_ONE in sup.get("/metrics")[1],
+                 what="outcomes and the model call in flight in /metrics")
         _, text, _ = sup.get("/metrics")
         req = urllib.request.Request(f"http://127.0.0.1:{sup.port}/metrics",
                                      headers={"Accept": OPENMETRICS})
