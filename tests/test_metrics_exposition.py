@@ -40,10 +40,13 @@ def scraped(db, worker_env, tmp_path):
         # The held token itself, not just the endpoint's row: the supervisor reads both
         # together, and a read between the gate's insert of the row and its token (seen
         # once in CI) shows the endpoint with nothing in flight until the next read.
-        wait_for(lambda: 'outcome="failed"' in sup.get("/metrics")[1]
-                 and 'job_type="noop",outcome="completed"' in sup.get("/metrics")[1]
-                 and IN_FLIGHT_ONE in sup.get("/metrics")[1],
-                 what="outcomes and the model call in flight in /metrics")
+        wanted = ('outcome="failed"', 'job_type="noop",outcome="completed"', IN_FLIGHT_ONE)
+
+        def scraped_all() -> bool:  # one scrape per look, not one per string
+            body = sup.get("/metrics")[1]
+            return all(w in body for w in wanted)
+
+        wait_for(scraped_all, what="outcomes and the model call in flight in /metrics")
         _, text, _ = sup.get("/metrics")
         req = urllib.request.Request(f"http://127.0.0.1:{sup.port}/metrics",
                                      headers={"Accept": OPENMETRICS})
